@@ -1,0 +1,3 @@
+"""bpfilter: compile iptables and nftables rulesets into eBPF programs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""eBPF code generation: instruction encoding, linking, disassembly, ELF objects."""

@@ -1,0 +1,1 @@
+"""Front ends: iptables-save/restore and nftables text parsed into the IR."""

@@ -1,0 +1,1 @@
+"""The intermediate representation, its canonical printers and the optimizer."""
