@@ -322,3 +322,40 @@ class NfPriority(enum.IntEnum):
 NETFILTER_IP_DEFRAG = 1  # BPF_F_NETFILTER_IP_DEFRAG: link flag asking for defragmented packets
 
 BPF_OBJ_NAME_LEN = 16  # prog_name / map_name include the terminating NUL
+
+
+class AttachFlag(enum.IntFlag):
+    """BPF_F_* flags of BPF_PROG_ATTACH, BPF_LINK_CREATE (tcx ordering) and BPF_LINK_UPDATE."""
+
+    ALLOW_OVERRIDE = 1 << 0
+    ALLOW_MULTI = 1 << 1
+    REPLACE = 1 << 2
+    BEFORE = 1 << 3
+    AFTER = 1 << 4
+    ID = 1 << 5
+    PREORDER = 1 << 6
+    LINK = 1 << 13
+
+
+class TestRunFlag(enum.IntFlag):
+    """flags for BPF_PROG_TEST_RUN."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    RUN_ON_CPU = 1 << 0
+    XDP_LIVE_FRAMES = 1 << 1
+
+
+class LogLevel(enum.IntFlag):
+    """log_level for BPF_PROG_LOAD / BPF_BTF_LOAD."""
+
+    LEVEL1 = 1
+    LEVEL2 = 2
+    STATS = 4
+    FIXED = 8
+
+
+RINGBUF_BUSY_BIT = 1 << 31  # record header: producer has not committed the record yet
+RINGBUF_DISCARD_BIT = 1 << 30  # record header: producer discarded the record
+RINGBUF_HDR_SZ = 8  # u32 len (with the two bits above) + u32 page offset
+ENOTSUPP = 524  # kernel-internal errno some bpf commands leak to user space

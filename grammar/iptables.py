@@ -1,0 +1,764 @@
+"""iptables-restore text -> IR: line dispatch, the Lark shape grammar, option semantics."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+from importlib import resources
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from bpfilter.codegen.uapi import NfHook
+from bpfilter.grammar.errors import EXIT_LINE_FAILED, EXIT_PARAMETER, ParseError
+from bpfilter.grammar.tokenize import TokenizeError, Word, split_words
+from bpfilter.ir import checks
+from bpfilter.ir.matches import (
+    MATCH_ALIASES,
+    MATCHES,
+    PROTO_MATCH,
+    UNSUPPORTED_MATCHES,
+    Ctx,
+    Extension,
+)
+from bpfilter.ir.model import (
+    Chain,
+    Family,
+    Match,
+    Option,
+    Prefix,
+    Rule,
+    Ruleset,
+    Table,
+    Target,
+    TargetKind,
+)
+from bpfilter.ir.targets import TARGETS, UNSUPPORTED_TARGETS, VERDICTS
+from bpfilter.ir.values import ValueError_, parse_prefix, parse_proto
+
+# Built-in chains of each table, in the order iptables-save prints them.
+BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+    "raw": ("PREROUTING", "OUTPUT"),
+    "security": ("INPUT", "FORWARD", "OUTPUT"),
+}
+HOOKS = {"PREROUTING": NfHook.PRE_ROUTING, "INPUT": NfHook.LOCAL_IN, "FORWARD": NfHook.FORWARD,
+         "OUTPUT": NfHook.LOCAL_OUT, "POSTROUTING": NfHook.POST_ROUTING}
+# Hook priorities of the iptables tables (enum nf_ip_hook_priorities).
+TABLE_PRIORITY = {"raw": -300, "mangle": -150, "filter": 0, "security": 50}
+NAT_PRIORITY = {"PREROUTING": -100, "OUTPUT": -100, "INPUT": 100, "POSTROUTING": 100}
+CHAIN_NAME_MAX = 28
+IFNAME_MAX = 15
+
+# getopt long names iptables accepts for its core options, and extension aliases.
+LONG_ALIASES = {
+    "--append": "-A", "--check": "-C", "--delete": "-D", "--insert": "-I", "--replace": "-R",
+    "--list": "-L", "--list-rules": "-S", "--flush": "-F", "--zero": "-Z",
+    "--new-chain": "-N", "--new": "-N", "--delete-chain": "-X", "--rename-chain": "-E",
+    "--policy": "-P", "--source": "-s", "--src": "-s", "--destination": "-d", "--dst": "-d",
+    "--in-interface": "-i", "--out-interface": "-o", "--protocol": "-p", "--jump": "-j",
+    "--goto": "-g", "--match": "-m", "--fragment": "-f", "--set-counters": "-c",
+    "--table": "-t", "--ipv4": "-4", "--ipv6": "-6", "--verbose": "-v", "--numeric": "-n",
+    "--exact": "-x",
+    "--source-port": "--sport", "--destination-port": "--dport",
+    "--source-ports": "--sports", "--destination-ports": "--dports",
+    "--hashlimit": "--hashlimit-upto",
+}
+# Short options that take an argument and may be glued to it (`-ptcp`).
+GLUED = frozenset({"-s", "-d", "-i", "-o", "-p", "-j", "-g", "-m", "-A", "-C", "-D", "-I",
+                   "-R", "-N", "-E", "-P", "-c", "-t"})
+RULE_COMMANDS = frozenset({"-A", "-C", "-I", "-D", "-R"})
+
+
+@functools.cache
+def grammar_text() -> str:
+    """The shape grammar (grammar/iptables.lark)."""
+    return resources.files("bpfilter.grammar").joinpath("iptables.lark").read_text()
+
+
+@functools.cache
+def _parser() -> Lark:
+    return Lark(grammar_text(), parser="lalr", lexer="contextual", maybe_placeholders=False)
+
+
+# ---- shapes and templates ---------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One option of a line: name as written (normalised), negation, argument indices."""
+
+    opt: str
+    neg: bool
+    args: tuple[int, ...]
+    index: int  # word index of the option itself
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    command: str
+    cmd_index: int
+    cmd_args: tuple[int, ...]
+    items: tuple[_Item, ...]
+
+
+def _shape_word(text: str) -> str:
+    if text == "!":
+        return "!"
+    if len(text) > 1 and text[0] == "-" and " " not in text and "\t" not in text:
+        return text
+    return "V"
+
+
+class _ShapeError(Exception):
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
+def _template(shape: tuple[str, ...]) -> _Template:
+    """Parse one line shape with the grammar into a template (cached by the caller)."""
+    text = " ".join(shape)
+    starts = []
+    pos = 0
+    for s in shape:
+        starts.append(pos)
+        pos += len(s) + 1
+    index_of = {p: i for i, p in enumerate(starts)}
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as e:
+        raise _shape_error(e, shape, index_of) from None
+    command = ""
+    cmd_index = -1
+    cmd_args: tuple[int, ...] = ()
+    items: list[_Item] = []
+    assert isinstance(tree, Tree)
+    for node in tree.children:
+        assert isinstance(node, Tree)
+        toks = [t for t in node.scan_values(lambda v: isinstance(v, Token))]
+        idx = [index_of[t.start_pos] for t in toks]  # type: ignore[index]
+        if node.data in ("chain_cmd", "chain_num_cmd", "replace_cmd", "optchain_cmd",
+                         "new_cmd", "two_cmd"):
+            command = str(toks[0])
+            cmd_index = idx[0]
+            cmd_args = tuple(idx[1:])
+            continue
+        negs = [t for t in toks if t.type == "BANG"]
+        if len(negs) > 1:
+            raise _ShapeError(idx[0], "multiple `!' flags not allowed")
+        rest = [(t, i) for t, i in zip(toks, idx, strict=True) if t.type != "BANG"]
+        opt_tok, opt_i = rest[0]
+        items.append(_Item(str(opt_tok), bool(negs), tuple(i for _, i in rest[1:]), opt_i))
+    return _Template(command, cmd_index, cmd_args, tuple(items))
+
+
+def _shape_error(e: UnexpectedInput, shape: tuple[str, ...], index_of: dict[int, int]
+                 ) -> _ShapeError:
+    if isinstance(e, UnexpectedEOF) or (
+        isinstance(e, UnexpectedToken) and e.token.type == "$END"
+    ):
+        last = len(shape) - 1
+        if last < 0:
+            return _ShapeError(0, "no command specified")
+        opt = shape[last]
+        if opt.startswith("-") or opt == "!":
+            return _ShapeError(last, f"option \"{opt}\" requires an argument")
+        return _ShapeError(last, "no command specified")
+    pos = e.pos_in_stream if e.pos_in_stream is not None else 0
+    if isinstance(e, UnexpectedToken):
+        pos = e.token.start_pos if e.token.start_pos is not None else pos
+    i = index_of.get(pos, 0)
+    word = shape[i]
+    if word.startswith("-") and len(word) > 1:
+        cmds = {"-A", "-C", "-D", "-I", "-R", "-F", "-X", "-Z", "-L", "-S", "-N", "-E", "-P"}
+        if word in cmds:
+            return _ShapeError(i, "only one command may be given")
+        return _ShapeError(i, f"unknown option \"{word}\"")
+    return _ShapeError(i, "Bad argument `{}'")
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_template(shape: tuple[str, ...]) -> _Template:
+    return _template(shape)
+
+
+def normalize(words: list[Word]) -> list[Word]:
+    """getopt's view of the words: `--opt=value` split, long aliases, `-ptcp` unglued."""
+    out: list[Word] = []
+    changed = False
+    for w in words:
+        t = w.text
+        if len(t) > 2 and t[0] == "-":
+            if t[1] == "-":
+                name, eq, value = t.partition("=")
+                if name in LONG_ALIASES:
+                    name = LONG_ALIASES[name]
+                    changed = True
+                if eq:
+                    out.append(Word(name, w.col, w.quoted))
+                    out.append(Word(value, w.col + len(t) - len(value), w.quoted))
+                    changed = True
+                    continue
+                if name != t:
+                    out.append(Word(name, w.col, w.quoted))
+                    continue
+            elif t[:2] in GLUED and not w.quoted:
+                out.append(Word(t[:2], w.col, False))
+                out.append(Word(t[2:], w.col + 2, False))
+                changed = True
+                continue
+        out.append(w)
+    return out if changed else words
+
+
+# ---- rule building ------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _ExtInst:
+    ext: Extension
+    opts: dict[str, Option]
+    col: int
+    is_target: bool = False
+    implicit: bool = False
+
+
+@dataclass(slots=True)
+class _ChainB:
+    name: str
+    builtin: bool
+    policy: str | None
+    counters: tuple[int, int] | None
+    line: int
+    rules: list[Rule] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _TableB:
+    name: str
+    line: int
+    chains: dict[str, _ChainB]
+
+
+class _LineFailed(Exception):
+    """An operation iptables-restore reports as `line N failed` (exit 1)."""
+
+    def __init__(self, message: str, col: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.col = col
+
+
+class _ParamError(Exception):
+    """A parameter problem (exit 2) at a column."""
+
+    def __init__(self, message: str, col: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.col = col
+
+
+_VERDICT_TARGETS = {n: Target(TargetKind.VERDICT, n) for n in VERDICTS}
+
+
+class _Parser:
+    """State of one restore run over the input text."""
+
+    def __init__(self, family: int, filename: str) -> None:
+        self.family = family
+        self.bits = 32 if family == 4 else 128
+        self.skip_flag = "-6" if family == 4 else "-4"
+        self.filename = filename
+        self.tables: dict[str, Table] = {}
+        self.cur: _TableB | None = None
+        self.lineno = 0
+
+    def error(self, message: str, col: int = 1, exit_code: int = EXIT_PARAMETER,
+              line: int | None = None) -> ParseError:
+        return ParseError(message, line=self.lineno if line is None else line, col=col,
+                          filename=self.filename, exit_code=exit_code)
+
+    # -- lines --
+    def run(self, text: str) -> Ruleset:
+        lines = text.split("\n")
+        final_newline = text.endswith("\n")
+        if final_newline:
+            lines.pop()
+        for n, line in enumerate(lines, 1):
+            self.lineno = n
+            if not line or line[0] == "#":
+                continue
+            if line == "COMMIT" and (final_newline or n < len(lines)):
+                if self.cur is None:
+                    raise self.error(f"line {n} failed: COMMIT outside a table",
+                                     exit_code=EXIT_LINE_FAILED)
+                self.commit()
+                continue
+            if self.cur is None:
+                if line[0] == "*":
+                    self.start_table(line)
+                    continue
+                raise self.error(f"line {n} failed: not inside a table (missing *table line)",
+                                 exit_code=EXIT_LINE_FAILED)
+            if line[0] == ":":
+                self.chain_line(line)
+                continue
+            self.rule_line(line)
+        if self.cur is not None:
+            self.lineno = len(lines) + 1
+            raise self.error(f"COMMIT expected at line {len(lines) + 1}",
+                             exit_code=EXIT_LINE_FAILED)
+        return Ruleset(tuple(self.tables.values()))
+
+    def start_table(self, line: str) -> None:
+        words = line[1:].split()
+        name = words[0] if words else ""
+        if name not in BUILTIN_CHAINS:
+            raise self.error(f"unable to initialize table '{name}'", col=2)
+        chains = {c: _ChainB(c, True, "ACCEPT", None, self.lineno) for c in BUILTIN_CHAINS[name]}
+        self.cur = _TableB(name, self.lineno, chains)
+
+    def chain_line(self, line: str) -> None:
+        assert self.cur is not None
+        words = split_words(line[1:], 1)
+        if not words:
+            raise self.error(f"Bad line {self.lineno}: need chain name", col=1)
+        name = words[0].text
+        if len(name) > CHAIN_NAME_MAX:
+            raise self.error(f"Invalid chain name `{name}' ({CHAIN_NAME_MAX} chars max)", col=2)
+        if len(words) < 2:
+            raise self.error(f"Bad line {self.lineno}: need policy", col=len(line) + 1)
+        policy = words[1].text
+        counters = _counters(words[2].text) if len(words) > 2 else None
+        chains = self.cur.chains
+        builtin = name in BUILTIN_CHAINS[self.cur.name]
+        if builtin:
+            if policy == "-":
+                policy = chains[name].policy or "ACCEPT"
+            elif policy not in ("ACCEPT", "DROP"):
+                raise self.error(f"Can't set policy `{policy}' on `{name}' line {self.lineno}: "
+                                 "Bad policy name", col=words[1].col, exit_code=EXIT_LINE_FAILED)
+            chains[name].policy = policy
+            chains[name].counters = counters
+            chains[name].line = self.lineno
+            return
+        if policy != "-":
+            raise self.error(f"Can't set policy `{policy}' on `{name}' line {self.lineno}: "
+                             "Bad built-in chain name", col=words[1].col,
+                             exit_code=EXIT_LINE_FAILED)
+        if name in chains:
+            raise self.error(f"error creating chain '{name}': File exists", col=2)
+        _check_chain_name(name, 2)
+        chains[name] = _ChainB(name, False, None, counters, self.lineno)
+
+    def commit(self) -> None:
+        assert self.cur is not None
+        tb = self.cur
+        family = Family.IP if self.family == 4 else Family.IP6
+        chains = []
+        for c in tb.chains.values():
+            hook = HOOKS.get(c.name) if c.builtin else None
+            prio = None
+            if hook is not None:
+                prio = NAT_PRIORITY[c.name] if tb.name == "nat" else TABLE_PRIORITY[tb.name]
+            chains.append(Chain(c.name, tuple(c.rules), hook, prio, c.policy if c.builtin
+                                else None, c.counters, c.line))
+        table = Table(family, tb.name, tuple(chains), line=tb.line)
+        problems = checks.check_table(table)
+        if problems:
+            p = problems[0]
+            raise self.error(f"line {self.lineno} failed: {p.message}", col=p.col,
+                             exit_code=EXIT_LINE_FAILED, line=p.line or self.lineno)
+        self.tables.pop(tb.name, None)
+        self.tables[tb.name] = table
+        self.cur = None
+
+    def rule_line(self, line: str) -> None:
+        counters: tuple[int, int] | None = None
+        offset = 0
+        body = line
+        if line[0] == "[":
+            end = line.find("]")
+            if end < 0:
+                raise self.error(f"Bad line {self.lineno}: need ]", col=1)
+            counters = _counters(line[: end + 1])
+            body = line[end + 1:]
+            offset = end + 1
+        try:
+            words = split_words(body, offset)
+        except TokenizeError as e:
+            raise self.error(e.message, col=e.col) from None
+        for w in words:
+            t = w.text
+            if not w.quoted and t and t[0] == "-" and (
+                (len(t) > 1 and t[1] != "-" and "t" in t) or (t.startswith("--t") and
+                                                              "--table".startswith(t))
+            ):
+                raise self.error("The -t option cannot be used in iptables-restore.", col=w.col)
+        words = normalize(words)
+        if not words:
+            raise self.error("no command specified", col=1)
+        shape = tuple(_shape_word(w.text) for w in words)
+        try:
+            tpl = _cached_template(shape)
+        except _ShapeError as e:
+            w = words[e.index] if e.index < len(words) else words[-1]
+            raise self.error(e.message.format(w.text), col=w.col) from None
+        try:
+            self.execute(tpl, words, counters)
+        except _ParamError as e:
+            raise self.error(e.message, col=e.col) from None
+        except _LineFailed as e:
+            raise self.error(f"line {self.lineno} failed: {e.message}", col=e.col,
+                             exit_code=EXIT_LINE_FAILED) from None
+        except ValueError_ as e:
+            raise self.error(str(e), col=words[0].col) from None
+
+    # -- commands --
+    def execute(self, tpl: _Template, words: list[Word], counters: tuple[int, int] | None
+                ) -> None:
+        assert self.cur is not None
+        for it in tpl.items:
+            if it.opt == self.skip_flag:
+                return  # a line for the other family: iptables-restore skips it
+        cmd = tpl.command
+        args = [words[i] for i in tpl.cmd_args]
+        chains = self.cur.chains
+        if cmd in RULE_COMMANDS:
+            chain_w = args[0]
+            rules = self.build_rules(tpl, words, chain_w.text, counters)
+            if cmd == "-D" and len(args) > 1:
+                if tpl.items:
+                    raise _ParamError("Illegal option with a rule number", args[1].col)
+                self.delete_num(chain_w, args[1])
+                return
+            c = chains.get(chain_w.text)
+            if c is None:
+                raise _LineFailed(f"chain `{chain_w.text}' does not exist", chain_w.col)
+            if cmd == "-A":
+                c.rules.extend(rules)
+            elif cmd == "-I":
+                pos = _rulenum(args[1]) - 1 if len(args) > 1 else 0
+                if pos > len(c.rules):
+                    raise _LineFailed("index of insertion too big", args[1].col)
+                c.rules[pos:pos] = rules
+            elif cmd == "-R":
+                pos = _rulenum(args[1]) - 1
+                if pos >= len(c.rules) or len(rules) != 1:
+                    raise _LineFailed("index of replacement too big", args[1].col)
+                c.rules[pos] = rules[0]
+            elif cmd in ("-D", "-C"):
+                for r in rules:
+                    key = _rule_key(r)
+                    for i, old in enumerate(c.rules):
+                        if _rule_key(old) == key:
+                            if cmd == "-D":
+                                del c.rules[i]
+                            break
+                    else:
+                        raise _LineFailed("rule does not exist in that chain", chain_w.col)
+            return
+        for it in tpl.items:
+            if it.opt not in ("-4", "-6", "-v", "-n", "-x", "--line-numbers"):
+                raise _ParamError(f"Illegal option `{it.opt}' with this command",
+                                  words[it.index].col)
+        if cmd == "-N":
+            name = args[0].text
+            if len(name) > CHAIN_NAME_MAX:
+                raise _ParamError(f"chain name `{name}' too long (must be under "
+                                  f"{CHAIN_NAME_MAX + 1} chars)", args[0].col)
+            if name in chains:
+                raise _LineFailed(f"chain `{name}' already exists", args[0].col)
+            _check_chain_name(name, args[0].col)
+            chains[name] = _ChainB(name, False, None, None, self.lineno)
+        elif cmd == "-X":
+            names = [args[0].text] if args else [c.name for c in chains.values() if not c.builtin]
+            for name in names:
+                c = chains.get(name)
+                if c is None or c.builtin:
+                    raise _LineFailed(f"cannot delete chain `{name}'", args[0].col if args else 1)
+                if _referenced(chains, name):
+                    raise _LineFailed(f"chain `{name}' is still referenced",
+                                      args[0].col if args else 1)
+                if c.rules:
+                    raise _LineFailed(f"chain `{name}' is not empty", args[0].col if args else 1)
+                del chains[name]
+        elif cmd == "-F":
+            if args:
+                c = chains.get(args[0].text)
+                if c is None:
+                    raise _LineFailed(f"chain `{args[0].text}' does not exist", args[0].col)
+                c.rules.clear()
+            else:
+                for c in chains.values():
+                    c.rules.clear()
+        elif cmd == "-E":
+            old, new = args[0].text, args[1].text
+            if old not in chains or chains[old].builtin:
+                raise _LineFailed(f"cannot rename chain `{old}'", args[0].col)
+            if new in chains:
+                raise _LineFailed(f"chain `{new}' already exists", args[1].col)
+            if len(new) > CHAIN_NAME_MAX:
+                raise _ParamError(f"Invalid chain name `{new}' ({CHAIN_NAME_MAX} chars max)",
+                                  args[1].col)
+            self.cur.chains = {(new if k == old else k): v for k, v in chains.items()}
+            self.cur.chains[new].name = new
+            for c in self.cur.chains.values():
+                c.rules = [_renamed(r, old, new) for r in c.rules]
+        elif cmd == "-P":
+            name, policy = args[0].text, args[1].text
+            c = chains.get(name)
+            if c is None or not c.builtin:
+                raise _LineFailed(f"can't set policy on `{name}': Bad built-in chain name",
+                                  args[0].col)
+            if policy not in ("ACCEPT", "DROP"):
+                raise _LineFailed(f"can't set policy `{policy}': Bad policy name", args[1].col)
+            c.policy = policy
+        elif cmd in ("-Z", "-L", "-S"):
+            if args and args[0].text not in chains:
+                raise _LineFailed(f"chain `{args[0].text}' does not exist", args[0].col)
+        else:
+            raise _ParamError("no command specified", 1)
+
+    def delete_num(self, chain_w: Word, num_w: Word) -> None:
+        assert self.cur is not None
+        c = self.cur.chains.get(chain_w.text)
+        if c is None:
+            raise _LineFailed(f"chain `{chain_w.text}' does not exist", chain_w.col)
+        pos = _rulenum(num_w) - 1
+        if pos >= len(c.rules):
+            raise _LineFailed("index of deletion too big", num_w.col)
+        del c.rules[pos]
+
+    def build_rules(self, tpl: _Template, words: list[Word], chain: str,
+                    counters: tuple[int, int] | None) -> list[Rule]:
+        """The rules of one -A/-I/-D/-R/-C line (more than one when -s/-d list addresses)."""
+        assert self.cur is not None
+        srcs: list[Prefix] | None = None
+        dsts: list[Prefix] | None = None
+        seen: set[str] = set()
+        f: dict[str, object] = {}
+        exts: list[_ExtInst] = []
+        target: Target | None = None
+        target_inst: _ExtInst | None = None
+        proto: int | None = None
+        proto_neg = False
+        implicit_loaded = False
+        bits = self.bits
+        table = self.cur.name
+        for it in tpl.items:
+            opt = it.opt
+            col = words[it.index].col
+            vals = [words[i].text for i in it.args]
+            if opt in ("-s", "-d", "-i", "-o", "-p", "-f", "-j", "-g", "-c"):
+                if opt in seen:
+                    raise _ParamError(f"multiple {opt} flags not allowed", col)
+                seen.add(opt)
+            if opt == "-s" or opt == "-d":
+                try:
+                    prefixes = [parse_prefix(a, bits) for a in vals[0].split(",")]
+                except ValueError_ as e:
+                    raise _ParamError(str(e), words[it.args[0]].col) from None
+                if opt == "-s":
+                    srcs = prefixes
+                    f["src_neg"] = it.neg
+                else:
+                    dsts = prefixes
+                    f["dst_neg"] = it.neg
+                if it.neg and len(prefixes) > 1:
+                    raise _ParamError("! not allowed with multiple source or destination IP "
+                                      "addresses", col)
+            elif opt == "-i" or opt == "-o":
+                name = vals[0]
+                if len(name) > IFNAME_MAX:
+                    raise _ParamError(f"interface name `{name}' must be shorter than IFNAMSIZ "
+                                      f"({IFNAME_MAX + 1})", words[it.args[0]].col)
+                key = "iif" if opt == "-i" else "oif"
+                if name == "+" and not it.neg:
+                    continue  # matches every interface: iptables drops it
+                f[key] = name
+                f[key + "_neg"] = it.neg
+                if opt == "-o" and chain in ("INPUT", "PREROUTING"):
+                    raise _ParamError(f"Can't use -o with {chain}", col)
+                if opt == "-i" and chain in ("OUTPUT", "POSTROUTING"):
+                    raise _ParamError(f"Can't use -i with {chain}", col)
+            elif opt == "-p":
+                try:
+                    proto = parse_proto(vals[0])
+                except ValueError_ as e:
+                    raise _ParamError(str(e), words[it.args[0]].col) from None
+                proto_neg = it.neg
+                if proto == 0 and it.neg:
+                    raise _ParamError("rule would never match protocol", col)
+            elif opt == "-f":
+                if bits != 32:
+                    raise _ParamError("unknown option \"-f\"", col)
+                f["fragment"] = not it.neg
+            elif opt == "-c":
+                if len(vals) == 1:
+                    p_s, comma, b_s = vals[0].partition(",")
+                    if not comma:
+                        raise _ParamError("-c requires packet and byte counter", col)
+                else:
+                    p_s, b_s = vals
+                if not (p_s.isdigit() and b_s.isdigit()):
+                    raise _ParamError("-c packet and byte counters must be numbers", col)
+                counters = (int(p_s), int(b_s))
+            elif opt == "-m":
+                if it.neg:
+                    raise _ParamError("unexpected ! flag before --match", col)
+                exts.append(self.load_match(vals[0], words[it.args[0]].col))
+            elif opt == "-j" or opt == "-g":
+                if it.neg:
+                    raise _ParamError(f"cannot have ! before {opt}", col)
+                target, target_inst = self.load_target(vals[0], opt == "-g",
+                                                       words[it.args[0]].col)
+                if target_inst is not None:
+                    exts.append(target_inst)
+            elif opt in ("-4", "-6", "-v", "-n", "-x", "--line-numbers"):
+                if opt in ("-v", "-n", "-x", "--line-numbers"):
+                    raise _ParamError(f"Illegal option `{opt}' with this command", col)
+            else:
+                ctx = Ctx(bits, proto, proto_neg, table, chain)
+                inst = _find_owner(exts, opt)
+                if inst is None and proto is not None and not proto_neg and not implicit_loaded:
+                    pname = PROTO_MATCH.get(proto)
+                    ext = MATCHES.get(pname) if pname else None
+                    if ext is not None and self.family in ext.families and opt in ext.options:
+                        implicit_loaded = True
+                        inst = _ExtInst(ext, {}, col, implicit=True)
+                        exts.append(inst)
+                if inst is None:
+                    raise _ParamError(f"unknown option \"{opt}\"", col)
+                _apply_option(inst, opt, it.neg, tuple(vals), ctx, col)
+        ctx = Ctx(bits, proto, proto_neg, table, chain)
+        matches = []
+        for inst in exts:
+            try:
+                opts = inst.ext.finalize(dict(inst.opts), ctx)
+            except ValueError_ as e:
+                raise _ParamError(str(e), inst.col) from None
+            if inst.is_target:
+                assert target is not None
+                target = Target(target.kind, target.name, tuple(opts.values()))
+            else:
+                matches.append(Match(inst.ext.name, tuple(opts.values()), self.lineno, inst.col))
+        base = Rule(proto=proto if proto else None, proto_neg=proto_neg if proto else False,
+                    matches=tuple(matches), target=target, counters=counters,
+                    line=self.lineno, col=words[0].col, **f)  # type: ignore[arg-type]
+        if srcs is None and dsts is None:
+            return [base]
+        out = []
+        for s in srcs or [None]:
+            for d in dsts or [None]:
+                out.append(replace(base, src=_drop_any(s, f.get("src_neg")),
+                                   dst=_drop_any(d, f.get("dst_neg"))))
+        return out
+
+    def load_match(self, name: str, col: int) -> _ExtInst:
+        ext = MATCHES.get(MATCH_ALIASES.get(name, name))
+        if ext is None or self.family not in ext.families:
+            if name in UNSUPPORTED_MATCHES:
+                raise _ParamError(f"match '{name}' is not supported", col)
+            raise _ParamError(f"Couldn't load match `{name}':No such file or directory", col)
+        return _ExtInst(ext, {}, col)
+
+    def load_target(self, name: str, goto: bool, col: int) -> tuple[Target, _ExtInst | None]:
+        assert self.cur is not None
+        chain = self.cur.chains.get(name)
+        if chain is not None and not chain.builtin:
+            return Target(TargetKind.GOTO if goto else TargetKind.JUMP, name), None
+        if goto:
+            raise _ParamError(f"goto '{name}' is not a chain", col)
+        if name in _VERDICT_TARGETS:
+            return _VERDICT_TARGETS[name], None
+        ext = TARGETS.get(name)
+        if ext is None or self.family not in ext.families:
+            if name in UNSUPPORTED_TARGETS:
+                raise _ParamError(f"target '{name}' is not supported", col)
+            raise _ParamError(f"Couldn't load target `{name}':No such file or directory", col)
+        return Target(TargetKind.EXTENSION, name), _ExtInst(ext, {}, col, is_target=True)
+
+
+def _find_owner(exts: list[_ExtInst], opt: str) -> _ExtInst | None:
+    # getopt sees the most recently loaded extension's options first.
+    for inst in reversed(exts):
+        if opt in inst.ext.options:
+            return inst
+    return None
+
+
+def _apply_option(inst: _ExtInst, opt: str, neg: bool, vals: tuple[str, ...], ctx: Ctx,
+                  col: int) -> None:
+    spec = inst.ext.options[opt]
+    if neg and not spec.invert:
+        raise _ParamError(f"option \"{opt}\" cannot be inverted", col)
+    if opt in inst.opts and opt not in inst.ext.repeatable:
+        raise _ParamError(f"option \"{opt}\" can only be used once", col)
+    value: object = True
+    if spec.parse is not None:
+        try:
+            value = spec.parse(vals, ctx)
+        except ValueError_ as e:
+            raise _ParamError(str(e), col) from None
+    inst.opts[opt] = Option(opt, value, neg)
+
+
+def _drop_any(p: Prefix | None, neg: object) -> Prefix | None:
+    # 0.0.0.0/0 matches everything: iptables-save does not print it unless negated.
+    if p is not None and p.mask == 0 and not neg:
+        return None
+    return p
+
+
+def _counters(text: str) -> tuple[int, int] | None:
+    if len(text) >= 5 and text[0] == "[" and text[-1] == "]":
+        p, colon, b = text[1:-1].partition(":")
+        if colon and p.isdigit() and b.isdigit():
+            return int(p), int(b)
+    return None
+
+
+def _rulenum(w: Word) -> int:
+    if not w.text.isdigit() or int(w.text) < 1:
+        raise _ParamError(f"Invalid rule number `{w.text}'", w.col)
+    return int(w.text)
+
+
+def _check_chain_name(name: str, col: int) -> None:
+    if name.startswith("-") or name.startswith("!") or name in VERDICTS or name in TARGETS:
+        raise _ParamError(f"Invalid chain name `{name}'", col)
+
+
+def _rule_key(r: Rule) -> Rule:
+    matches = tuple(replace(m, line=0, col=0) for m in r.matches)
+    return replace(r, line=0, col=0, counters=None, matches=matches)
+
+
+def _referenced(chains: dict[str, _ChainB], name: str) -> bool:
+    return any(r.target is not None and r.target.name == name and
+               r.target.kind in (TargetKind.JUMP, TargetKind.GOTO)
+               for c in chains.values() for r in c.rules)
+
+
+def _renamed(r: Rule, old: str, new: str) -> Rule:
+    t = r.target
+    if t is not None and t.name == old and t.kind in (TargetKind.JUMP, TargetKind.GOTO):
+        return replace(r, target=replace(t, name=new))
+    return r
+
+
+def parse_restore(text: str, *, family: int = 4, filename: str = "<stdin>") -> Ruleset:
+    """Parse iptables-restore input (family 4) or ip6tables-restore input (family 6).
+
+    Raises ParseError (with line, col and the exit code iptables-restore would use) on
+    input that iptables-restore refuses.
+    """
+    if family not in (4, 6):
+        raise ValueError(f"family must be 4 or 6, not {family}")
+    return _Parser(family, filename).run(text)
+
+
+__all__ = ["ParseError", "parse_restore", "grammar_text", "BUILTIN_CHAINS", "UnexpectedCharacters"]

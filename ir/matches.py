@@ -1,0 +1,1040 @@
+"""The extension table: every supported match and target described once (parse, check, save)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from bpfilter.ir.model import Option, PortRange, Prefix
+from bpfilter.ir.values import (
+    ValueError_,
+    format_address,
+    format_port_range,
+    format_prefix_short,
+    parse_address,
+    parse_port,
+    parse_port_range,
+    parse_prefix,
+    parse_proto,
+    parse_uint,
+    save_string,
+)
+
+U32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Ctx:
+    """What an extension may look at while parsing: family, the rule's protocol, where."""
+
+    bits: int = 32  # 32 for iptables, 128 for ip6tables
+    proto: int | None = None
+    proto_neg: bool = False
+    table: str = "filter"
+    chain: str = "INPUT"
+
+    @property
+    def family(self) -> int:
+        return 4 if self.bits == 32 else 6
+
+
+Parser = Callable[[tuple[str, ...], Ctx], object]
+Opts = dict[str, Option]
+
+
+@dataclass(frozen=True, slots=True)
+class OptDef:
+    """One option: how its argument(s) parse (None: a flag) and whether `!` is allowed."""
+
+    parse: Parser | None = None
+    invert: bool = False
+
+
+def _no_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    return opts
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """A match (`-m NAME`) or target (`-j NAME`) kind."""
+
+    name: str
+    kind: str  # "match" or "target"
+    options: Mapping[str, OptDef]
+    save: Callable[[Opts, Ctx], str]
+    finalize: Callable[[Opts, Ctx], Opts] = _no_finalize
+    families: frozenset[int] = frozenset({4, 6})
+    tables: frozenset[str] | None = None  # targets only valid in these tables
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    repeatable: frozenset[str] = frozenset()
+
+
+def fail(msg: str) -> ValueError_:
+    return ValueError_(msg)
+
+
+def _neg(o: Option) -> str:
+    return "! " if o.negated else ""
+
+
+def _one(f: Callable[[str, Ctx], object]) -> Parser:
+    return lambda args, ctx: f(args[0], ctx)
+
+
+# ---- shared parsers ---------------------------------------------------------------------
+
+def _uint(maximum: int, what: str = "value") -> Parser:
+    return _one(lambda s, ctx: parse_uint(s, maximum, what))
+
+
+def _str_max(n: int, what: str) -> Parser:
+    def p(s: str, ctx: Ctx) -> str:
+        if len(s) > n:
+            raise fail(f"{what} too long (max {n} characters)")
+        return s
+    return _one(p)
+
+
+def _mark(s: str, ctx: Ctx) -> tuple[int, int]:
+    v, slash, m = s.partition("/")
+    value = parse_uint(v, U32, "mark")
+    mask = parse_uint(m, U32, "mask") if slash else U32
+    return value, mask
+
+
+def _range_u(maximum: int, sep: str = ":") -> Parser:
+    def p(s: str, ctx: Ctx) -> PortRange:
+        if sep not in s:
+            n = parse_uint(s, maximum)
+            return PortRange(n, n)
+        a, _, b = s.partition(sep)
+        lo = parse_uint(a, maximum) if a else 0
+        hi = parse_uint(b, maximum) if b else maximum
+        if lo > hi:
+            raise fail(f"invalid range `{s}' specified")
+        return PortRange(lo, hi)
+    return _one(p)
+
+
+def _flags_from(names: Mapping[str, int], what: str) -> Callable[[str], int]:
+    def p(s: str) -> int:
+        bits = 0
+        for part in s.split(","):
+            key = part.upper()
+            if key not in names:
+                raise fail(f"Bad {what} \"{part}\"")
+            bits |= names[key]
+        return bits
+    return p
+
+
+def _print_flags(bits: int, order: list[tuple[str, int]], none: str = "NONE") -> str:
+    out = [n for n, b in order if bits & b]
+    return ",".join(out) if out else none
+
+
+def _require(opts: Opts, *names: str, msg: str) -> None:
+    if not any(n in opts for n in names):
+        raise fail(msg)
+
+
+# ---- tcp / udp ----------------------------------------------------------------------------
+
+TCP_FLAGS = [("FIN", 1), ("SYN", 2), ("RST", 4), ("PSH", 8), ("ACK", 16), ("URG", 32)]
+_TCP_FLAG_NAMES = dict(TCP_FLAGS) | {"ALL": 0x3F, "NONE": 0}
+
+
+def _tcp_flags(args: tuple[str, ...], ctx: Ctx) -> tuple[int, int]:
+    p = _flags_from(_TCP_FLAG_NAMES, "TCP flag")
+    return p(args[0]), p(args[1])
+
+
+def _portrange(args: tuple[str, ...], ctx: Ctx) -> PortRange:
+    return parse_port_range(args[0])
+
+
+def _tcp_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if "--syn" in opts:
+        if "--tcp-flags" in opts:
+            raise fail("Only one of `--syn' or `--tcp-flags'  may be specified")
+        syn = opts.pop("--syn")
+        opts["--tcp-flags"] = Option("--tcp-flags", (0x17, 0x02), syn.negated)
+    return opts
+
+
+def _ports_save(opts: Opts) -> list[str]:
+    out = []
+    for name in ("--sport", "--dport"):
+        o = opts.get(name)
+        if o is None:
+            continue
+        r = o.value
+        assert isinstance(r, PortRange)
+        if r.lo == 0 and r.hi == 65535 and not o.negated:
+            continue
+        out.append(f"{_neg(o)}{name} {format_port_range(r)}")
+    return out
+
+
+def _tcp_save(opts: Opts, ctx: Ctx) -> str:
+    out = _ports_save(opts)
+    o = opts.get("--tcp-option")
+    if o is not None:
+        out.append(f"{_neg(o)}--tcp-option {o.value}")
+    o = opts.get("--tcp-flags")
+    if o is not None:
+        mask, cmp = o.value  # type: ignore[misc]
+        out.append(
+            f"{_neg(o)}--tcp-flags {_print_flags(mask, TCP_FLAGS)} {_print_flags(cmp, TCP_FLAGS)}"
+        )
+    return " ".join(out)
+
+
+_PORT_OPTS = {
+    "--sport": OptDef(_portrange, True),
+    "--dport": OptDef(_portrange, True),
+}
+_PORT_ALIASES = {"--source-port": "--sport", "--destination-port": "--dport"}
+
+TCP = Extension(
+    "tcp", "match",
+    {**_PORT_OPTS, "--tcp-flags": OptDef(_tcp_flags, True), "--syn": OptDef(None, True),
+     "--tcp-option": OptDef(_uint(255, "TCP option"), True)},
+    _tcp_save, _tcp_finalize, aliases=_PORT_ALIASES,
+)
+UDP = Extension("udp", "match", dict(_PORT_OPTS), lambda o, c: " ".join(_ports_save(o)),
+                aliases=_PORT_ALIASES)
+
+
+# ---- icmp / icmp6 ---------------------------------------------------------------------------
+
+ICMP_TYPES: dict[str, tuple[int, int, int]] = {
+    "any": (255, 0, 255), "echo-reply": (0, 0, 255), "pong": (0, 0, 255),
+    "destination-unreachable": (3, 0, 255), "network-unreachable": (3, 0, 0),
+    "host-unreachable": (3, 1, 1), "protocol-unreachable": (3, 2, 2),
+    "port-unreachable": (3, 3, 3), "fragmentation-needed": (3, 4, 4),
+    "source-route-failed": (3, 5, 5), "network-unknown": (3, 6, 6),
+    "host-unknown": (3, 7, 7), "network-prohibited": (3, 9, 9),
+    "host-prohibited": (3, 10, 10), "TOS-network-unreachable": (3, 11, 11),
+    "TOS-host-unreachable": (3, 12, 12), "communication-prohibited": (3, 13, 13),
+    "host-precedence-violation": (3, 14, 14), "precedence-cutoff": (3, 15, 15),
+    "source-quench": (4, 0, 255), "redirect": (5, 0, 255), "network-redirect": (5, 0, 0),
+    "host-redirect": (5, 1, 1), "TOS-network-redirect": (5, 2, 2),
+    "TOS-host-redirect": (5, 3, 3), "echo-request": (8, 0, 255), "ping": (8, 0, 255),
+    "router-advertisement": (9, 0, 255), "router-solicitation": (10, 0, 255),
+    "time-exceeded": (11, 0, 255), "ttl-exceeded": (11, 0, 255),
+    "ttl-zero-during-transit": (11, 0, 0), "ttl-zero-during-reassembly": (11, 1, 1),
+    "parameter-problem": (12, 0, 255), "ip-header-bad": (12, 0, 0),
+    "required-option-missing": (12, 1, 1), "timestamp-request": (13, 0, 255),
+    "timestamp-reply": (14, 0, 255), "address-mask-request": (17, 0, 255),
+    "address-mask-reply": (18, 0, 255),
+}
+ICMP6_TYPES: dict[str, tuple[int, int, int]] = {
+    "destination-unreachable": (1, 0, 255), "no-route": (1, 0, 0),
+    "communication-prohibited": (1, 1, 1), "beyond-scope": (1, 2, 2),
+    "address-unreachable": (1, 3, 3), "port-unreachable": (1, 4, 4),
+    "failed-policy": (1, 5, 5), "reject-route": (1, 6, 6), "packet-too-big": (2, 0, 255),
+    "time-exceeded": (3, 0, 255), "ttl-exceeded": (3, 0, 255),
+    "ttl-zero-during-transit": (3, 0, 0), "ttl-zero-during-reassembly": (3, 1, 1),
+    "parameter-problem": (4, 0, 255), "bad-header": (4, 0, 0),
+    "unknown-header-type": (4, 1, 1), "unknown-option": (4, 2, 2),
+    "echo-request": (128, 0, 255), "ping": (128, 0, 255), "echo-reply": (129, 0, 255),
+    "pong": (129, 0, 255), "mld-listener-query": (130, 0, 255),
+    "mld-listener-report": (131, 0, 255), "mld-listener-done": (132, 0, 255),
+    "mld-listener-reduction": (132, 0, 255), "router-solicitation": (133, 0, 255),
+    "router-advertisement": (134, 0, 255), "neighbour-solicitation": (135, 0, 255),
+    "neighbor-solicitation": (135, 0, 255), "neighbour-advertisement": (136, 0, 255),
+    "neighbor-advertisement": (136, 0, 255), "redirect": (137, 0, 255),
+}
+
+
+def _icmp_parser(table: Mapping[str, tuple[int, int, int]], what: str) -> Parser:
+    def p(s: str, ctx: Ctx) -> tuple[int, int, int]:
+        if s in table:
+            return table[s]
+        t, slash, c = s.partition("/")
+        try:
+            ty = parse_uint(t, 255)
+            if slash:
+                code = parse_uint(c, 255)
+                return ty, code, code
+        except ValueError_:
+            raise fail(f"Invalid {what} `{s}'") from None
+        return ty, 0, 255
+    return _one(p)
+
+
+def _icmp_save(name: str) -> Callable[[Opts, Ctx], str]:
+    def save(opts: Opts, ctx: Ctx) -> str:
+        o = opts.get(name)
+        if o is None:
+            return ""
+        ty, lo, hi = o.value  # type: ignore[misc]
+        if ty == 255 and name == "--icmp-type":
+            return f"{_neg(o)}{name} any"
+        text = f"{_neg(o)}{name} {ty}"
+        if lo != 0 or hi != 255:
+            text += f"/{lo}"
+        return text
+    return save
+
+
+ICMP = Extension("icmp", "match",
+                 {"--icmp-type": OptDef(_icmp_parser(ICMP_TYPES, "ICMP type"), True)},
+                 _icmp_save("--icmp-type"), families=frozenset({4}))
+ICMP6 = Extension("icmp6", "match",
+                  {"--icmpv6-type": OptDef(_icmp_parser(ICMP6_TYPES, "ICMPv6 type"), True)},
+                  _icmp_save("--icmpv6-type"), families=frozenset({6}))
+
+
+# ---- conntrack / state --------------------------------------------------------------------
+
+CT_STATES = [("INVALID", 1), ("NEW", 8), ("RELATED", 4), ("ESTABLISHED", 2),
+             ("UNTRACKED", 64), ("SNAT", 256), ("DNAT", 512)]
+CT_STATUS = [("EXPECTED", 1), ("SEEN_REPLY", 2), ("ASSURED", 4), ("CONFIRMED", 8)]
+_ct_state = _flags_from(dict(CT_STATES), "ctstate")
+_state_state = _flags_from({k: v for k, v in CT_STATES[:5]}, "state")
+_ct_status = _flags_from(dict(CT_STATUS) | {"NONE": 0}, "ctstatus")
+
+
+def _prefix_opt(args: tuple[str, ...], ctx: Ctx) -> Prefix:
+    return parse_prefix(args[0], ctx.bits)
+
+
+def _ctdir(args: tuple[str, ...], ctx: Ctx) -> str:
+    d = args[0].upper()
+    if d not in ("ORIGINAL", "REPLY"):
+        raise fail(f"Bad ctdir value \"{args[0]}\"")
+    return d
+
+
+_CT_ADDRS = ("--ctorigsrc", "--ctorigdst", "--ctreplsrc", "--ctrepldst")
+_CT_PORTS = ("--ctorigsrcport", "--ctorigdstport", "--ctreplsrcport", "--ctrepldstport")
+
+
+def _conntrack_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    o = opts.get("--ctstate")
+    if o is not None:
+        out.append(f"{_neg(o)}--ctstate {_print_flags(o.value, CT_STATES)}")  # type: ignore[arg-type]
+    o = opts.get("--ctproto")
+    if o is not None:
+        out.append(f"{_neg(o)}--ctproto {o.value}")
+    for name in _CT_ADDRS:
+        o = opts.get(name)
+        if o is not None:
+            out.append(f"{_neg(o)}{name} {format_prefix_short(o.value)}")  # type: ignore[arg-type]
+    for name in _CT_PORTS:
+        o = opts.get(name)
+        if o is not None:
+            out.append(f"{_neg(o)}{name} {format_port_range(o.value)}")  # type: ignore[arg-type]
+    o = opts.get("--ctstatus")
+    if o is not None:
+        out.append(f"{_neg(o)}--ctstatus {_print_flags(o.value, CT_STATUS)}")  # type: ignore[arg-type]
+    o = opts.get("--ctexpire")
+    if o is not None:
+        out.append(f"{_neg(o)}--ctexpire {format_port_range(o.value)}")  # type: ignore[arg-type]
+    o = opts.get("--ctdir")
+    if o is not None:
+        out.append(f"--ctdir {o.value}")
+    return " ".join(out)
+
+
+def _conntrack_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if not opts:
+        raise fail("conntrack: At least one option is required")
+    return opts
+
+
+CONNTRACK = Extension(
+    "conntrack", "match",
+    {"--ctstate": OptDef(_one(lambda s, c: _ct_state(s)), True),
+     "--ctproto": OptDef(_one(lambda s, c: parse_proto(s)), True),
+     **{n: OptDef(_prefix_opt, True) for n in _CT_ADDRS},
+     **{n: OptDef(_portrange, True) for n in _CT_PORTS},
+     "--ctstatus": OptDef(_one(lambda s, c: _ct_status(s)), True),
+     "--ctexpire": OptDef(_range_u(U32), True),
+     "--ctdir": OptDef(_ctdir, False)},
+    _conntrack_save, _conntrack_finalize,
+)
+
+
+def _state_save(opts: Opts, ctx: Ctx) -> str:
+    o = opts["--state"]
+    return f"{_neg(o)}--state {_print_flags(o.value, CT_STATES)}"  # type: ignore[arg-type]
+
+
+STATE = Extension(
+    "state", "match", {"--state": OptDef(_one(lambda s, c: _state_state(s)), True)},
+    _state_save,
+    lambda o, c: (_require(o, "--state", msg="state match: option \"--state\" must be specified"),
+                  o)[1],
+)
+
+
+# ---- multiport ----------------------------------------------------------------------------
+
+_MULTIPORT_PROTOS = {6, 17, 33, 132, 136}
+
+
+def _port_list(args: tuple[str, ...], ctx: Ctx) -> tuple[PortRange, ...]:
+    out = []
+    count = 0
+    for part in args[0].split(","):
+        if ":" in part:
+            a, _, b = part.partition(":")
+            r = PortRange(parse_port(a), parse_port(b))
+            if r.lo > r.hi:
+                raise fail(f"invalid portrange `{part}' specified")
+            count += 2
+        else:
+            p = parse_port(part)
+            r = PortRange(p, p)
+            count += 1
+        out.append(r)
+    if count > 15:
+        raise fail("too many ports specified")
+    return tuple(out)
+
+
+def _multiport_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if not opts:
+        raise fail("multiport expects an option")
+    if len(opts) > 1:
+        raise fail("multiport can only have one option")
+    if ctx.proto not in _MULTIPORT_PROTOS or ctx.proto_neg:
+        raise fail("multiport needs `-p tcp', `-p udp', `-p udplite', `-p sctp' or `-p dccp'")
+    return opts
+
+
+def _multiport_save(opts: Opts, ctx: Ctx) -> str:
+    (name, o), = opts.items()
+    ports = ",".join(format_port_range(r) for r in o.value)  # type: ignore[attr-defined]
+    return f"{_neg(o)}{name} {ports}"
+
+
+MULTIPORT = Extension(
+    "multiport", "match",
+    {n: OptDef(_port_list, True) for n in ("--sports", "--dports", "--ports")},
+    _multiport_save, _multiport_finalize,
+    aliases={"--source-ports": "--sports", "--destination-ports": "--dports"},
+)
+
+
+# ---- comment, limit, mark, connmark ---------------------------------------------------------
+
+COMMENT = Extension(
+    "comment", "match", {"--comment": OptDef(_str_max(255, "COMMENT"))},
+    lambda o, c: f"--comment {save_string(str(o['--comment'].value))}",
+    lambda o, c: (_require(o, "--comment", msg="comment: option \"--comment\" must be specified"),
+                  o)[1],
+)
+
+LIMIT_SCALE = 10000
+_RATES = [("day", LIMIT_SCALE * 86400), ("hour", LIMIT_SCALE * 3600),
+          ("min", LIMIT_SCALE * 60), ("sec", LIMIT_SCALE)]
+_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def parse_rate(s: str) -> int:
+    """`N[/second|/minute|/hour|/day]` (unit prefixes allowed) -> period in 1/10000 s."""
+    n_s, slash, unit = s.partition("/")
+    mult = 1
+    if slash:
+        for name, m in _UNITS.items():
+            if unit and name.startswith(unit.lower()):
+                mult = m
+                break
+        else:
+            raise fail(f"bad rate \"{s}\"'")
+    n = parse_uint(n_s, U32, "rate") if n_s else 0
+    if n == 0:
+        raise fail(f"bad rate \"{s}\"'")
+    r = LIMIT_SCALE * mult // n
+    if r == 0:
+        raise fail(f"Rate too fast \"{s}\"")
+    return r
+
+
+def print_rate(period: int) -> str:
+    i = 1
+    while i < len(_RATES):
+        mult = _RATES[i][1]
+        if period > mult or mult // period < mult % period:
+            break
+        i += 1
+    name, mult = _RATES[i - 1]
+    return f"{mult // period}/{name}"
+
+
+def _limit_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    opts.setdefault("--limit", Option("--limit", LIMIT_SCALE * 3600 // 3))
+    opts.setdefault("--limit-burst", Option("--limit-burst", 5))
+    return opts
+
+
+def _limit_save(opts: Opts, ctx: Ctx) -> str:
+    out = f"--limit {print_rate(int(opts['--limit'].value))}"  # type: ignore[call-overload]
+    burst = opts["--limit-burst"].value
+    if burst != 5:
+        out += f" --limit-burst {burst}"
+    return out
+
+
+LIMIT = Extension(
+    "limit", "match",
+    {"--limit": OptDef(_one(lambda s, c: parse_rate(s))),
+     "--limit-burst": OptDef(_uint(10000, "burst"))},
+    _limit_save, _limit_finalize,
+)
+
+
+def _mark_save(opts: Opts, ctx: Ctx) -> str:
+    o = opts["--mark"]
+    v, m = o.value  # type: ignore[misc]
+    return f"{_neg(o)}--mark 0x{v:x}" + (f"/0x{m:x}" if m != U32 else "")
+
+
+def _need(name: str, ext: str) -> Callable[[Opts, Ctx], Opts]:
+    def f(opts: Opts, ctx: Ctx) -> Opts:
+        _require(opts, name, msg=f"{ext}: option \"{name}\" must be specified")
+        return opts
+    return f
+
+
+MARK_M = Extension("mark", "match", {"--mark": OptDef(_one(_mark), True)}, _mark_save,
+                   _need("--mark", "mark"))
+CONNMARK_M = Extension("connmark", "match", {"--mark": OptDef(_one(_mark), True)}, _mark_save,
+                       _need("--mark", "connmark"))
+
+
+# ---- addrtype, iprange, length, pkttype, mac ------------------------------------------------
+
+ADDR_TYPES = [("UNSPEC", 1), ("UNICAST", 2), ("LOCAL", 4), ("BROADCAST", 8), ("ANYCAST", 16),
+              ("MULTICAST", 32), ("BLACKHOLE", 64), ("UNREACHABLE", 128), ("PROHIBIT", 256),
+              ("THROW", 512), ("NAT", 1024), ("XRESOLVE", 2048)]
+_addr_type = _flags_from(dict(ADDR_TYPES), "address type")
+
+
+def _addrtype_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if "--src-type" not in opts and "--dst-type" not in opts:
+        raise fail("addrtype: you must specify --src-type or --dst-type")
+    if "--limit-iface-in" in opts and "--limit-iface-out" in opts:
+        raise fail("addrtype: you can't specify both --limit-iface-in and --limit-iface-out")
+    if "--limit-iface-in" in opts and ctx.chain in ("OUTPUT", "POSTROUTING"):
+        raise fail("addrtype: --limit-iface-in is not valid in this chain")
+    if "--limit-iface-out" in opts and ctx.chain in ("INPUT", "PREROUTING"):
+        raise fail("addrtype: --limit-iface-out is not valid in this chain")
+    return opts
+
+
+def _addrtype_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    for name in ("--src-type", "--dst-type"):
+        o = opts.get(name)
+        if o is not None:
+            out.append(f"{_neg(o)}{name} {_print_flags(o.value, ADDR_TYPES)}")  # type: ignore[arg-type]
+    for name in ("--limit-iface-in", "--limit-iface-out"):
+        if name in opts:
+            out.append(name)
+    return " ".join(out)
+
+
+ADDRTYPE = Extension(
+    "addrtype", "match",
+    {"--src-type": OptDef(_one(lambda s, c: _addr_type(s)), True),
+     "--dst-type": OptDef(_one(lambda s, c: _addr_type(s)), True),
+     "--limit-iface-in": OptDef(None), "--limit-iface-out": OptDef(None)},
+    _addrtype_save, _addrtype_finalize,
+)
+
+
+def _ip_range(args: tuple[str, ...], ctx: Ctx) -> tuple[int, int]:
+    a, dash, b = args[0].partition("-")
+    lo = parse_address(a, ctx.bits)
+    hi = parse_address(b, ctx.bits) if dash else lo
+    return lo, hi
+
+
+def _iprange_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    for name in ("--src-range", "--dst-range"):
+        o = opts.get(name)
+        if o is not None:
+            lo, hi = o.value  # type: ignore[misc]
+            out.append(f"{_neg(o)}{name} {format_address(lo, ctx.bits)}-"
+                       f"{format_address(hi, ctx.bits)}")
+    return " ".join(out)
+
+
+def _iprange_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if not opts:
+        raise fail("iprange match: You must specify `--src-range' or `--dst-range'")
+    return opts
+
+
+IPRANGE = Extension(
+    "iprange", "match",
+    {"--src-range": OptDef(_ip_range, True), "--dst-range": OptDef(_ip_range, True)},
+    _iprange_save, _iprange_finalize,
+)
+
+
+def _range_save(name: str) -> Callable[[Opts, Ctx], str]:
+    def save(opts: Opts, ctx: Ctx) -> str:
+        o = opts[name]
+        return f"{_neg(o)}{name} {format_port_range(o.value)}"  # type: ignore[arg-type]
+    return save
+
+
+LENGTH = Extension("length", "match", {"--length": OptDef(_range_u(65535), True)},
+                   _range_save("--length"), _need("--length", "length"))
+
+PKT_TYPES = ("unicast", "broadcast", "multicast")
+
+
+def _pkttype(args: tuple[str, ...], ctx: Ctx) -> str:
+    t = args[0].lower()
+    if t == "host":
+        t = "unicast"
+    if t not in PKT_TYPES:
+        raise fail(f"Bad packet type '{args[0]}'")
+    return t
+
+
+PKTTYPE = Extension(
+    "pkttype", "match", {"--pkt-type": OptDef(_pkttype, True)},
+    lambda o, c: f"{_neg(o['--pkt-type'])}--pkt-type {o['--pkt-type'].value}",
+    _need("--pkt-type", "pkttype"),
+)
+
+
+def _mac(args: tuple[str, ...], ctx: Ctx) -> str:
+    parts = args[0].split(":")
+    if len(parts) != 6 or not all(1 <= len(p) <= 2 for p in parts):
+        raise fail(f"Bad mac address \"{args[0]}\"")
+    try:
+        return ":".join(f"{int(p, 16):02x}" for p in parts)
+    except ValueError:
+        raise fail(f"Bad mac address \"{args[0]}\"") from None
+
+
+MAC = Extension(
+    "mac", "match", {"--mac-source": OptDef(_mac, True)},
+    lambda o, c: f"{_neg(o['--mac-source'])}--mac-source {o['--mac-source'].value}",
+    _need("--mac-source", "mac"),
+)
+
+
+# ---- ttl, hl, tos, dscp -----------------------------------------------------------------
+
+def _cmp_ext(name: str, prefix: str, family: int) -> Extension:
+    names = [f"--{prefix}-eq", f"--{prefix}-lt", f"--{prefix}-gt"]
+
+    def finalize(opts: Opts, ctx: Ctx) -> Opts:
+        if len(opts) != 1:
+            raise fail(f"{name}: exactly one of {', '.join(names)} is required")
+        return opts
+
+    def save(opts: Opts, ctx: Ctx) -> str:
+        (n, o), = opts.items()
+        return f"{_neg(o)}{n} {o.value}"
+
+    return Extension(name, "match",
+                     {names[0]: OptDef(_uint(255), True), names[1]: OptDef(_uint(255)),
+                      names[2]: OptDef(_uint(255))},
+                     save, finalize, families=frozenset({family}))
+
+
+TTL_M = _cmp_ext("ttl", "ttl", 4)
+HL_M = _cmp_ext("hl", "hl", 6)
+
+TOS_NAMES = {"minimize-delay": 0x10, "maximize-throughput": 0x08,
+             "maximize-reliability": 0x04, "minimize-cost": 0x02, "normal-service": 0x00}
+
+
+def _tos_value(s: str, default_mask: int = 0xFF) -> tuple[int, int]:
+    if s.lower() in TOS_NAMES:
+        return TOS_NAMES[s.lower()], 0x3F
+    v, slash, m = s.partition("/")
+    try:
+        value = parse_uint(v, 255, "TOS")
+        mask = parse_uint(m, 255, "TOS") if slash else default_mask
+    except ValueError_:
+        raise fail(f"Bad TOS value \"{s}\"") from None
+    return value, mask
+
+
+TOS_M = Extension(
+    "tos", "match", {"--tos": OptDef(_one(lambda s, c: _tos_value(s)), True)},
+    lambda o, c: "{}--tos 0x{:02x}/0x{:02x}".format(_neg(o["--tos"]), *o["--tos"].value),  # type: ignore[misc]
+    _need("--tos", "tos"),
+)
+
+DSCP_CLASSES = {"CS0": 0, "CS1": 8, "CS2": 16, "CS3": 24, "CS4": 32, "CS5": 40, "CS6": 48,
+                "CS7": 56, "BE": 0, "AF11": 10, "AF12": 12, "AF13": 14, "AF21": 18, "AF22": 20,
+                "AF23": 22, "AF31": 26, "AF32": 28, "AF33": 30, "AF41": 34, "AF42": 36,
+                "AF43": 38, "EF": 46}
+
+
+def _dscp(s: str, ctx: Ctx) -> int:
+    return parse_uint(s, 63, "DSCP")
+
+
+def _dscp_class(s: str, ctx: Ctx) -> int:
+    if s.upper() not in DSCP_CLASSES:
+        raise fail(f"Invalid DSCP class value `{s}'")
+    return DSCP_CLASSES[s.upper()]
+
+
+def _dscp_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if "--dscp" in opts and "--dscp-class" in opts:
+        raise fail("DSCP: only one of --dscp or --dscp-class may be given")
+    if "--dscp-class" in opts:
+        o = opts.pop("--dscp-class")
+        opts["--dscp"] = Option("--dscp", o.value, o.negated)
+    _require(opts, "--dscp", msg="DSCP match: Parameter --dscp is required")
+    return opts
+
+
+DSCP_M = Extension(
+    "dscp", "match",
+    {"--dscp": OptDef(_one(_dscp), True), "--dscp-class": OptDef(_one(_dscp_class), True)},
+    lambda o, c: f"{_neg(o['--dscp'])}--dscp 0x{o['--dscp'].value:02x}",
+    _dscp_finalize,
+)
+
+
+# ---- recent ---------------------------------------------------------------------------------
+
+_RECENT_CMDS = ("--set", "--rcheck", "--update", "--remove")
+
+
+def _recent_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    cmds = [c for c in _RECENT_CMDS if c in opts]
+    if len(cmds) != 1:
+        raise fail("recent: you must specify one of `--set', `--rcheck' `--update' or `--remove'")
+    if ("--seconds" in opts or "--hitcount" in opts or "--rttl" in opts or "--reap" in opts) \
+            and cmds[0] in ("--set", "--remove"):
+        raise fail("recent: --seconds, --hitcount, --rttl and --reap need --rcheck or --update")
+    if "--reap" in opts and "--seconds" not in opts:
+        raise fail("recent: --reap needs --seconds")
+    if "--rsource" in opts and "--rdest" in opts:
+        raise fail("recent: only one of --rsource or --rdest")
+    opts.setdefault("--name", Option("--name", "DEFAULT"))
+    opts.setdefault("--mask", Option("--mask", (1 << ctx.bits) - 1))
+    if "--rdest" not in opts:
+        opts.setdefault("--rsource", Option("--rsource", True))
+    return opts
+
+
+def _recent_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    for c in _RECENT_CMDS:
+        if c in opts:
+            out.append(f"{_neg(opts[c])}{c}")
+    if "--seconds" in opts:
+        out.append(f"--seconds {opts['--seconds'].value}")
+    if "--reap" in opts:
+        out.append("--reap")
+    if "--hitcount" in opts:
+        out.append(f"--hitcount {opts['--hitcount'].value}")
+    if "--rttl" in opts:
+        out.append("--rttl")
+    out.append(f"--name {opts['--name'].value}")
+    out.append(f"--mask {format_address(int(opts['--mask'].value), ctx.bits)}")  # type: ignore[call-overload]
+    out.append("--rsource" if "--rsource" in opts else "--rdest")
+    return " ".join(out)
+
+
+def _recent_mask(args: tuple[str, ...], ctx: Ctx) -> int:
+    return parse_address(args[0], ctx.bits)
+
+
+def _recent_name(args: tuple[str, ...], ctx: Ctx) -> str:
+    s = args[0]
+    if not s or len(s) > 200 or not all(c.isalnum() or c in "_-." for c in s):
+        raise fail(f"Illegal name `{s}'")
+    return s
+
+
+RECENT = Extension(
+    "recent", "match",
+    {**{c: OptDef(None, True) for c in _RECENT_CMDS},
+     "--seconds": OptDef(_uint(U32, "seconds")), "--reap": OptDef(None),
+     "--hitcount": OptDef(_uint(65535, "hitcount")), "--rttl": OptDef(None),
+     "--name": OptDef(_recent_name), "--mask": OptDef(_recent_mask),
+     "--rsource": OptDef(None), "--rdest": OptDef(None)},
+    _recent_save, _recent_finalize,
+)
+
+
+# ---- statistic, connlimit, owner, tcpmss, rpfilter, set ---------------------------------------
+
+def _probability(args: tuple[str, ...], ctx: Ctx) -> int:
+    try:
+        p = float(args[0])
+    except ValueError:
+        raise fail(f"bad probability \"{args[0]}\"") from None
+    if not 0.0 <= p <= 1.0:
+        raise fail(f"bad probability \"{args[0]}\"")
+    return int(0x80000000 * p + 0.5)
+
+
+def _statistic_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    mode = opts.get("--mode")
+    if mode is None:
+        raise fail("statistic: no mode specified")
+    if mode.value == "random":
+        if "--every" in opts or "--packet" in opts:
+            raise fail("statistic: --every and --packet need nth mode")
+        opts.setdefault("--probability", Option("--probability", 0))
+    else:
+        if "--probability" in opts:
+            raise fail("statistic: --probability needs random mode")
+        if "--every" not in opts:
+            raise fail("statistic: --every is required in nth mode")
+        every = int(opts["--every"].value)  # type: ignore[call-overload]
+        packet = int(opts.get("--packet", Option("--packet", 0)).value)  # type: ignore[call-overload]
+        if every == 0:
+            raise fail("statistic: --every must be at least 1")
+        if packet >= every:
+            raise fail("statistic: --packet must be less than --every")
+        opts["--packet"] = Option("--packet", packet)
+    return opts
+
+
+def _statistic_save(opts: Opts, ctx: Ctx) -> str:
+    mode = opts["--mode"].value
+    if mode == "random":
+        o = opts["--probability"]
+        return f"--mode random {_neg(o)}--probability {int(o.value) / 0x80000000:.11f}"  # type: ignore[call-overload]
+    o = opts["--every"]
+    return f"--mode nth {_neg(o)}--every {o.value} --packet {opts['--packet'].value}"
+
+
+def _stat_mode(args: tuple[str, ...], ctx: Ctx) -> str:
+    if args[0] not in ("random", "nth"):
+        raise fail(f"Bad mode \"{args[0]}\"")
+    return args[0]
+
+
+STATISTIC = Extension(
+    "statistic", "match",
+    {"--mode": OptDef(_stat_mode), "--probability": OptDef(_probability, True),
+     "--every": OptDef(_uint(U32), True), "--packet": OptDef(_uint(U32))},
+    _statistic_save, _statistic_finalize,
+)
+
+
+def _connlimit_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if ("--connlimit-upto" in opts) == ("--connlimit-above" in opts):
+        raise fail("connlimit: exactly one of --connlimit-upto or --connlimit-above")
+    if "--connlimit-saddr" in opts and "--connlimit-daddr" in opts:
+        raise fail("connlimit: only one of --connlimit-saddr or --connlimit-daddr")
+    opts.setdefault("--connlimit-mask", Option("--connlimit-mask", ctx.bits))
+    if int(opts["--connlimit-mask"].value) > ctx.bits:  # type: ignore[call-overload]
+        raise fail("connlimit: invalid mask")
+    return opts
+
+
+def _connlimit_save(opts: Opts, ctx: Ctx) -> str:
+    if "--connlimit-upto" in opts:
+        o = opts["--connlimit-upto"]
+        out = [f"--connlimit-{'above' if o.negated else 'upto'} {o.value}"]
+    else:
+        o = opts["--connlimit-above"]
+        out = [f"--connlimit-{'upto' if o.negated else 'above'} {o.value}"]
+    out.append(f"--connlimit-mask {opts['--connlimit-mask'].value}")
+    out.append("--connlimit-daddr" if "--connlimit-daddr" in opts else "--connlimit-saddr")
+    return " ".join(out)
+
+
+CONNLIMIT = Extension(
+    "connlimit", "match",
+    {"--connlimit-upto": OptDef(_uint(U32), True), "--connlimit-above": OptDef(_uint(U32), True),
+     "--connlimit-mask": OptDef(_uint(128, "mask")), "--connlimit-saddr": OptDef(None),
+     "--connlimit-daddr": OptDef(None)},
+    _connlimit_save, _connlimit_finalize,
+)
+
+
+def _id_range(args: tuple[str, ...], ctx: Ctx) -> PortRange:
+    s = args[0]
+    if s == "root":
+        return PortRange(0, 0)
+    a, dash, b = s.partition("-")
+    try:
+        lo = parse_uint(a, U32 - 1)
+        hi = parse_uint(b, U32 - 1) if dash else lo
+    except ValueError_:
+        raise fail(f"Bad user or group \"{s}\" (only numeric ids and root are resolved)") from None
+    if lo > hi:
+        raise fail(f"Bad range \"{s}\"")
+    return PortRange(lo, hi)
+
+
+def _owner_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if not opts:
+        raise fail("owner: at least one option is required")
+    if "--suppl-groups" in opts:
+        if "--gid-owner" not in opts:
+            raise fail("owner: --suppl-groups requires --gid-owner")
+        if opts["--suppl-groups"].negated:
+            raise fail("owner: --suppl-groups cannot be negated")
+    if ctx.chain in ("INPUT", "PREROUTING", "FORWARD"):
+        raise fail("owner match is only valid in the OUTPUT and POSTROUTING chains")
+    return opts
+
+
+def _owner_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    for name in ("--uid-owner", "--gid-owner"):
+        o = opts.get(name)
+        if o is not None:
+            r = o.value
+            assert isinstance(r, PortRange)
+            out.append(f"{_neg(o)}{name} {r.lo}" + (f"-{r.hi}" if r.hi != r.lo else ""))
+            if name == "--gid-owner" and "--suppl-groups" in opts:
+                out.append("--suppl-groups")
+    o = opts.get("--socket-exists")
+    if o is not None:
+        out.append(f"{_neg(o)}--socket-exists")
+    return " ".join(out)
+
+
+def _owner_order(opts: Opts, ctx: Ctx) -> Opts:
+    return _owner_finalize(opts, ctx)
+
+
+OWNER = Extension(
+    "owner", "match",
+    {"--uid-owner": OptDef(_id_range, True), "--gid-owner": OptDef(_id_range, True),
+     "--socket-exists": OptDef(None, True), "--suppl-groups": OptDef(None, True)},
+    _owner_save, _owner_order,
+)
+
+TCPMSS_M = Extension("tcpmss", "match", {"--mss": OptDef(_range_u(65535), True)},
+                     _range_save("--mss"),
+                     lambda o, c: _tcp_only(_need("--mss", "tcpmss")(o, c), c))
+
+
+def _tcp_only(opts: Opts, ctx: Ctx) -> Opts:
+    if ctx.proto != 6 or ctx.proto_neg:
+        raise fail("tcpmss: the match requires `-p tcp'")
+    return opts
+
+
+RPFILTER = Extension(
+    "rpfilter", "match",
+    {n: OptDef(None) for n in ("--loose", "--validmark", "--accept-local", "--invert")},
+    lambda o, c: " ".join(n for n in ("--loose", "--validmark", "--accept-local", "--invert")
+                          if n in o),
+)
+
+
+def _match_set(args: tuple[str, ...], ctx: Ctx) -> tuple[str, str]:
+    name, flags = args
+    parts = flags.split(",")
+    if not name or len(name) > 31 or not all(p in ("src", "dst") for p in parts) \
+            or len(parts) > 6:
+        raise fail(f"Bad --match-set arguments `{name} {flags}'")
+    return name, flags
+
+
+def _set_save(opts: Opts, ctx: Ctx) -> str:
+    o = opts["--match-set"]
+    name, flags = o.value  # type: ignore[misc]
+    out = [f"{_neg(o)}--match-set {name} {flags}"]
+    if "--return-nomatch" in opts:
+        out.append("--return-nomatch")
+    for n in ("--update-counters", "--update-subcounters"):
+        if n in opts:
+            out.append(f"{_neg(opts[n])}{n}")
+    return " ".join(out)
+
+
+SET = Extension(
+    "set", "match",
+    {"--match-set": OptDef(_match_set, True), "--return-nomatch": OptDef(None),
+     "--update-counters": OptDef(None, True), "--update-subcounters": OptDef(None, True)},
+    _set_save, _need("--match-set", "set"),
+)
+
+
+# ---- hashlimit ------------------------------------------------------------------------------
+
+_HL_MODES = ("srcip", "srcport", "dstip", "dstport")
+
+
+def _hl_mode(args: tuple[str, ...], ctx: Ctx) -> tuple[str, ...]:
+    parts = tuple(args[0].split(","))
+    for p in parts:
+        if p not in _HL_MODES:
+            raise fail(f"hashlimit: bad mode \"{args[0]}\"")
+    return parts
+
+
+def _hashlimit_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if ("--hashlimit-upto" in opts) == ("--hashlimit-above" in opts):
+        raise fail("hashlimit: exactly one of --hashlimit-upto or --hashlimit-above")
+    _require(opts, "--hashlimit-name", msg="hashlimit: option \"--hashlimit-name\" must be "
+             "specified")
+    opts.setdefault("--hashlimit-burst", Option("--hashlimit-burst", 5))
+    return opts
+
+
+def _hashlimit_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    for name in ("--hashlimit-upto", "--hashlimit-above"):
+        if name in opts:
+            out.append(f"{name} {print_rate(int(opts[name].value))}")  # type: ignore[call-overload]
+    out.append(f"--hashlimit-burst {opts['--hashlimit-burst'].value}")
+    if "--hashlimit-mode" in opts:
+        modes = opts["--hashlimit-mode"].value
+        out.append("--hashlimit-mode " + ",".join(m for m in _HL_MODES if m in modes))  # type: ignore[operator]
+    for name in ("--hashlimit-srcmask", "--hashlimit-dstmask"):
+        if name in opts and opts[name].value != ctx.bits:
+            out.append(f"{name} {opts[name].value}")
+    out.append(f"--hashlimit-name {opts['--hashlimit-name'].value}")
+    for name in ("--hashlimit-htable-size", "--hashlimit-htable-max",
+                 "--hashlimit-htable-gcinterval", "--hashlimit-htable-expire"):
+        if name in opts:
+            out.append(f"{name} {opts[name].value}")
+    return " ".join(out)
+
+
+HASHLIMIT = Extension(
+    "hashlimit", "match",
+    {"--hashlimit-upto": OptDef(_one(lambda s, c: parse_rate(s))),
+     "--hashlimit-above": OptDef(_one(lambda s, c: parse_rate(s))),
+     "--hashlimit-burst": OptDef(_uint(10000, "burst")),
+     "--hashlimit-mode": OptDef(_hl_mode),
+     "--hashlimit-srcmask": OptDef(_uint(128, "mask")),
+     "--hashlimit-dstmask": OptDef(_uint(128, "mask")),
+     "--hashlimit-name": OptDef(_str_max(255, "hashlimit name")),
+     **{n: OptDef(_uint(U32)) for n in ("--hashlimit-htable-size", "--hashlimit-htable-max",
+                                        "--hashlimit-htable-expire",
+                                        "--hashlimit-htable-gcinterval")}},
+    _hashlimit_save, _hashlimit_finalize, aliases={"--hashlimit": "--hashlimit-upto"},
+)
+
+
+MATCHES: dict[str, Extension] = {
+    e.name: e for e in (TCP, UDP, ICMP, ICMP6, CONNTRACK, STATE, MULTIPORT, COMMENT, LIMIT,
+                        MARK_M, CONNMARK_M, ADDRTYPE, IPRANGE, LENGTH, PKTTYPE, MAC, TTL_M,
+                        HL_M, TOS_M, DSCP_M, RECENT, STATISTIC, CONNLIMIT, OWNER, TCPMSS_M,
+                        RPFILTER, SET, HASHLIMIT)
+}
+# Proto names that load a match implicitly (`-p tcp --dport 22` loads `-m tcp`).
+PROTO_MATCH = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
+MATCH_ALIASES = {"icmpv6": "icmp6", "ipv6-icmp": "icmp6"}
+
+# Real iptables extensions this project does not support: refused by name.
+UNSUPPORTED_MATCHES = frozenset({
+    "u32", "string", "time", "physdev", "devgroup", "socket", "sctp", "dccp", "esp", "ah",
+    "policy", "quota", "quota2", "helper", "realm", "osf", "cgroup", "cpu", "connbytes",
+    "connlabel", "cluster", "bpf", "ipvs", "nfacct", "rateest", "geoip", "l2tp", "ecn",
+    "frag", "hbh", "dst", "rt", "ipv6header", "mh", "eui64", "srh", "condition", "account",
+    "addrtype6", "udplite", "statistic2", "set2", "ipp2p", "layer7", "tcpoptstrip",
+})

@@ -1,0 +1,178 @@
+"""The rule IR: ruleset -> tables -> chains -> rules with typed matches and a target."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from bpfilter.codegen.uapi import NfHook
+
+
+class Family(enum.StrEnum):
+    """Address family of a table, spelled as nftables spells it."""
+
+    IP = "ip"
+    IP6 = "ip6"
+    INET = "inet"
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """An address with a mask (contiguous or not); `bits` is 32 or 128."""
+
+    addr: int
+    mask: int
+    bits: int
+
+    @property
+    def length(self) -> int | None:
+        """Prefix length when the mask is contiguous, else None."""
+        inv = ~self.mask & ((1 << self.bits) - 1)
+        if inv & (inv + 1):
+            return None
+        return self.bits - inv.bit_length()
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    """Inclusive port range."""
+
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One option of a match or target: canonical name, typed value, negation."""
+
+    name: str
+    value: object = None
+    negated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A match extension instance (`-m kind ...`)."""
+
+    kind: str
+    options: tuple[Option, ...] = ()
+    line: int = 0
+    col: int = 0
+
+    def get(self, name: str) -> Option | None:
+        """The option called `name`, if present."""
+        for opt in self.options:
+            if opt.name == name:
+                return opt
+        return None
+
+
+class TargetKind(enum.Enum):
+    """How a rule ends: a verdict, a jump or goto to a user chain, or an extension."""
+
+    VERDICT = "verdict"  # ACCEPT, DROP, RETURN
+    JUMP = "jump"
+    GOTO = "goto"
+    EXTENSION = "extension"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The rule's `-j`/`-g` target."""
+
+    kind: TargetKind
+    name: str
+    options: tuple[Option, ...] = ()
+
+    def get(self, name: str) -> Option | None:
+        """The option called `name`, if present."""
+        for opt in self.options:
+            if opt.name == name:
+                return opt
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule with its source location (1-based line and column)."""
+
+    src: Prefix | None = None
+    src_neg: bool = False
+    dst: Prefix | None = None
+    dst_neg: bool = False
+    iif: str | None = None
+    iif_neg: bool = False
+    oif: str | None = None
+    oif_neg: bool = False
+    proto: int | None = None
+    proto_neg: bool = False
+    fragment: bool | None = None  # True: -f, False: ! -f
+    matches: tuple[Match, ...] = ()
+    target: Target | None = None
+    counters: tuple[int, int] | None = None
+    line: int = 0
+    col: int = 0
+
+    @property
+    def comment(self) -> str | None:
+        """The text of the rule's comment matches, joined by a space."""
+        texts = [str(m.options[0].value) for m in self.matches if m.kind == "comment" and m.options]
+        return " ".join(texts) if texts else None
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """A base chain (hook set, policy) or a user chain (hook None, policy None)."""
+
+    name: str
+    rules: tuple[Rule, ...] = ()
+    hook: NfHook | None = None
+    priority: int | None = None
+    policy: str | None = None
+    counters: tuple[int, int] | None = None
+    line: int = 0
+
+    @property
+    def is_base(self) -> bool:
+        return self.hook is not None
+
+
+@dataclass(frozen=True, slots=True)
+class NamedSet:
+    """A named set of elements (nftables sets, ipset names referenced by `-m set`)."""
+
+    name: str
+    key_type: str
+    elements: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A table: family, name, chains in canonical order."""
+
+    family: Family
+    name: str
+    chains: tuple[Chain, ...] = ()
+    sets: tuple[NamedSet, ...] = ()
+    line: int = 0
+
+    def chain(self, name: str) -> Chain | None:
+        """The chain called `name`, if present."""
+        for c in self.chains:
+            if c.name == name:
+                return c
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Ruleset:
+    """Tables in input order."""
+
+    tables: tuple[Table, ...] = field(default_factory=tuple)
+
+    def table(self, name: str, family: Family | None = None) -> Table | None:
+        """The table called `name` (optionally of one family), if present."""
+        for t in self.tables:
+            if t.name == name and (family is None or t.family == family):
+                return t
+        return None
