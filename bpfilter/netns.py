@@ -76,7 +76,9 @@ def entered(name: str | None) -> Iterator[None]:
     Only the calling thread moves, and only its network namespace: the mount namespace, and
     with it the bpffs where pins live, stays the caller's. Sockets, netlink handles and BPF
     links created inside the body belong to ``name`` and keep belonging to it afterwards.
-    The thread always returns to its original namespace, also when the body raises.
+    Threads started inside the body inherit ``name`` (new threads copy their creator's
+    namespaces). The thread always returns to its original namespace, also when the body
+    raises.
     """
     if name is None:
         yield

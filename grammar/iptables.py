@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 
 from lark import Lark, Token, Tree
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from bpfilter.codegen.uapi import NfHook
 from bpfilter.grammar.errors import EXIT_LINE_FAILED, EXIT_PARAMETER, ParseError
@@ -761,4 +761,4 @@ def parse_restore(text: str, *, family: int = 4, filename: str = "<stdin>") -> R
     return _Parser(family, filename).run(text)
 
 
-__all__ = ["ParseError", "parse_restore", "grammar_text", "BUILTIN_CHAINS", "UnexpectedCharacters"]
+__all__ = ["BUILTIN_CHAINS", "ParseError", "grammar_text", "parse_restore"]

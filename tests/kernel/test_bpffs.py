@@ -60,14 +60,9 @@ def test_pin_dir_is_root_only(ns):
         assert stat.S_IMODE(st.st_mode) == 0o700
         assert st.st_uid == 0
     # An unprivileged process cannot even look inside.
-    probe = subprocess.run(
-        [sys.executable, "-c", f"import os; os.listdir({str(d)!r})"],
-        user=65534,
-        capture_output=True,
-        text=True,
-    )
+    probe = subprocess.run(["ls", str(d)], user=65534, capture_output=True, text=True)
     assert probe.returncode != 0
-    assert "PermissionError" in probe.stderr
+    assert "Permission denied" in probe.stderr
 
 
 def test_host_directory_and_reserved_name():

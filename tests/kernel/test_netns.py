@@ -36,9 +36,17 @@ def test_entered_switches_thread_and_always_comes_back(pair):
 def test_entered_moves_only_the_calling_thread_and_not_its_mounts(pair):
     home, mounts = netns.inode(), _mnt()
     seen: list[int] = []
+    go = threading.Event()
+
+    def other_thread() -> None:
+        go.wait(5)
+        seen.append(netns.inode())
+
+    # Started before entering: a thread created inside would inherit the namespace.
+    t = threading.Thread(target=other_thread)
+    t.start()
     with netns.entered(pair.a):
-        t = threading.Thread(target=lambda: seen.append(netns.inode()))
-        t.start()
+        go.set()
         t.join()
         # Pins made here land in the caller's bpffs: the mount namespace did not change.
         assert _mnt() == mounts

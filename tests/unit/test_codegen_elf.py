@@ -5,13 +5,22 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 from bpfilter.codegen import asm
 from bpfilter.codegen.asm import Label
-from bpfilter.codegen.elf import EM_BPF, MAP_DEF, R_BPF_64_64, ElfProgram, write_elf
+from bpfilter.codegen.elf import (
+    BTF_MAP_SIZE,
+    EM_BPF,
+    MAP_DEF,
+    R_BPF_64_64,
+    ElfProgram,
+    maps_btf,
+    write_elf,
+)
 from bpfilter.codegen.insn import FP, R0, R1, R2, R3, Insn
 from bpfilter.codegen.link import link
 from bpfilter.codegen.opcodes import Size
@@ -152,7 +161,7 @@ def test_pyelftools_reads_sections_symbols_and_relocations() -> None:
     linked = link(prog)
     second = link([asm.mov64(R0, 2), asm.exit_()])
     data = write_elf([ElfProgram("xdp_main", "xdp", linked), ElfProgram("other", "xdp", second),
-                      ElfProgram("nf", "netfilter", second)], maps)
+                      ElfProgram("nf", "netfilter", second)], maps, btf_maps=False)
     elf = ELFFile(io.BytesIO(data))
     assert (elf.elfclass, elf.little_endian) == (64, True)
     assert elf["e_machine"] == "EM_BPF" and elf.header["e_type"] == "ET_REL"
@@ -204,11 +213,70 @@ def test_relocation_against_missing_map() -> None:
         write_elf([ElfProgram("p", "xdp", link([asm.ld_map_fd(R1, "nope"), asm.exit_()]))])
 
 
-def test_license_and_map_section_names() -> None:
-    data = write_elf([ElfProgram("p", ".text", link([asm.exit_()]))],
-                     [MapSpec("m", MapType.ARRAY, 4, 4, 1)], license="Dual BSD/GPL",
-                     maps_section=".maps")
+def test_btf_defined_maps() -> None:
+    prog, maps = _program()
+    data = write_elf([ElfProgram("xdp_main", "xdp", link(prog))], maps, license="Dual BSD/GPL")
     elf = ELFFile(io.BytesIO(data))
     assert section(elf, "license").data() == b"Dual BSD/GPL\0"
-    assert elf.get_section_by_name(".maps") is not None
-    assert EM_BPF == 247
+    assert section(elf, ".maps").data() == bytes(2 * BTF_MAP_SIZE)
+    symtab = section(elf, ".symtab")
+    assert isinstance(symtab, SymbolTableSection)
+    config = symtab.get_symbol_by_name("config")
+    assert config is not None
+    assert (config[0]["st_value"], config[0]["st_size"]) == (BTF_MAP_SIZE, BTF_MAP_SIZE)
+    btf = section(elf, ".BTF").data()
+    assert btf == maps_btf(maps)
+    magic, version, _, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
+        "<HBBIIIII", btf)
+    assert (magic, version, hdr_len, type_off) == (0xEB9F, 1, 24, 0)
+    assert str_off == type_len and len(btf) == hdr_len + type_len + str_len
+    strings = btf[hdr_len + str_off:].split(b"\0")
+    assert {b"int", b"counters", b"config", b".maps", b"max_entries"} <= set(strings)
+
+
+def bpftool() -> str:
+    found = shutil.which("bpftool") or ("/usr/sbin/bpftool" if Path("/usr/sbin/bpftool").exists()
+                                        else None)
+    if found is None:
+        pytest.skip("bpftool is not installed")
+    return found
+
+
+def test_libbpf_reads_the_btf_maps(tmp_path: Path) -> None:
+    """libbpf (through bpftool's skeleton generator, which only parses) finds maps and relocs."""
+    prog, maps = _program()
+    path = tmp_path / "maps.o"
+    path.write_bytes(write_elf([ElfProgram("xdp_main", "xdp", link(prog))], maps))
+    done = subprocess.run([bpftool(), "-d", "gen", "skeleton", str(path), "name", "t"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    log = done.stderr
+    assert "map 'config': found type = 1." in log
+    assert "map 'config': found max_entries = 64." in log
+    assert "map 'config': found map_flags = 0x1." in log
+    assert "map 'counters': found value_size = 8." in log
+    assert "found map 1 (config, sec 3, off 40) for insn #3" in log
+    dump = subprocess.run([bpftool(), "btf", "dump", "file", str(path)], check=True,
+                          capture_output=True, text=True).stdout
+    assert "DATASEC '.maps' size=80 vlen=2" in dump
+    assert "VAR 'counters' type_id=" in dump
+
+
+def test_legacy_maps_are_refused_by_libbpf_1(tmp_path: Path) -> None:
+    prog, maps = _program()
+    path = tmp_path / "legacy.o"
+    path.write_bytes(write_elf([ElfProgram("p", "xdp", link(prog))], maps, btf_maps=False))
+    done = subprocess.run([bpftool(), "gen", "skeleton", str(path), "name", "t"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "legacy map definitions" in done.stderr
+
+
+def test_maps_of_maps_are_refused() -> None:
+    inner = MapSpec("inner", MapType.ARRAY, 4, 4, 1)
+    outer = MapSpec("outer", MapType.ARRAY_OF_MAPS, 4, 4, 1, inner=inner)
+    with pytest.raises(ValueError, match="maps of maps"):
+        write_elf([ElfProgram("p", "xdp", link([asm.exit_()]))], [outer])
+
+
+def test_machine_number() -> None:
+    assert EM_BPF == 247 and R_BPF_64_64 == 1

@@ -1,0 +1,151 @@
+"""Commit-time checks iptables (and the kernel behind it) make on a whole table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bpfilter.codegen.uapi import NfHook
+from bpfilter.ir.model import Chain, Rule, Table, TargetKind
+from bpfilter.ir.targets import TARGETS
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something the kernel would refuse at COMMIT, located at a rule."""
+
+    line: int
+    col: int
+    message: str
+
+
+# Matches the kernel registers for one protocol only (`-m tcp` needs `-p tcp`).
+MATCH_PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58, "tcpmss": 6}
+# Hooks a target may run at (x_tables checkentry hook masks).
+TARGET_HOOKS: dict[str, frozenset[NfHook]] = {
+    "DNAT": frozenset({NfHook.PRE_ROUTING, NfHook.LOCAL_OUT}),
+    "REDIRECT": frozenset({NfHook.PRE_ROUTING, NfHook.LOCAL_OUT}),
+    "SNAT": frozenset({NfHook.POST_ROUTING, NfHook.LOCAL_IN}),
+    "MASQUERADE": frozenset({NfHook.POST_ROUTING}),
+    "REJECT": frozenset({NfHook.LOCAL_IN, NfHook.FORWARD, NfHook.LOCAL_OUT}),
+}
+MATCH_HOOKS: dict[str, frozenset[NfHook]] = {
+    "mac": frozenset({NfHook.PRE_ROUTING, NfHook.LOCAL_IN, NfHook.FORWARD}),
+    "owner": frozenset({NfHook.LOCAL_OUT, NfHook.POST_ROUTING}),
+}
+
+
+def _jumps(chain: Chain) -> list[tuple[Rule, str]]:
+    return [(r, r.target.name) for r in chain.rules
+            if r.target is not None and r.target.kind in (TargetKind.JUMP, TargetKind.GOTO)]
+
+
+def reachable_hooks(table: Table) -> dict[str, frozenset[NfHook]]:
+    """For every chain, the hooks whose base chain can reach it through jumps and gotos."""
+    by_name = {c.name: c for c in table.chains}
+    hooks: dict[str, set[NfHook]] = {c.name: set() for c in table.chains}
+    for base in table.chains:
+        if base.hook is None:
+            continue
+        stack = [base.name]
+        seen = set()
+        while stack:
+            name = stack.pop()
+            if name in seen or name not in by_name:
+                continue
+            seen.add(name)
+            hooks[name].add(base.hook)
+            stack.extend(t for _, t in _jumps(by_name[name]))
+    return {k: frozenset(v) for k, v in hooks.items()}
+
+
+def find_loop(table: Table) -> Rule | None:
+    """A rule whose jump closes a cycle through user chains, if there is one."""
+    by_name = {c.name: c for c in table.chains}
+    state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
+
+    def visit(name: str) -> Rule | None:
+        state[name] = 1
+        for rule, target in _jumps(by_name[name]):
+            if target not in by_name:
+                continue
+            s = state.get(target)
+            if s == 1:
+                return rule
+            if s is None:
+                found = visit(target)
+                if found is not None:
+                    return found
+        state[name] = 2
+        return None
+
+    for c in table.chains:
+        if c.name not in state:
+            found = visit(c.name)
+            if found is not None:
+                return found
+    return None
+
+
+def check_table(table: Table) -> list[Problem]:
+    """Everything the kernel would refuse when this table is committed."""
+    problems: list[Problem] = []
+    names = {c.name for c in table.chains}
+    hooks = reachable_hooks(table)
+    for chain in table.chains:
+        if chain.hook is not None and chain.policy not in ("ACCEPT", "DROP"):
+            problems.append(Problem(chain.line, 1, f"bad policy on chain {chain.name}"))
+        for rule in chain.rules:
+            problems.extend(_check_rule(table, chain, rule, names, hooks[chain.name]))
+    loop = find_loop(table)
+    if loop is not None:
+        problems.append(Problem(loop.line, loop.col, "Too many levels of symbolic links "
+                                "(the jump creates a loop)"))
+    return problems
+
+
+def _check_rule(table: Table, chain: Chain, rule: Rule, names: set[str],
+                hooks: frozenset[NfHook]) -> list[Problem]:
+    out = []
+    t = rule.target
+    where = (rule.line, rule.col)
+    for m in rule.matches:
+        need = MATCH_PROTO.get(m.kind)
+        if need is not None and (rule.proto != need or rule.proto_neg):
+            out.append(Problem(*where, f"{m.kind} match: only valid for protocol {need}"))
+        allowed = MATCH_HOOKS.get(m.kind)
+        if allowed is not None and hooks - allowed:
+            out.append(Problem(*where, f"{m.kind} match: used from a hook where it is invalid"))
+    if t is None:
+        return out
+    if t.kind in (TargetKind.JUMP, TargetKind.GOTO) and t.name not in names:
+        out.append(Problem(*where, f"chain `{t.name}' does not exist"))
+    if t.kind is not TargetKind.EXTENSION:
+        return out
+    ext = TARGETS[t.name]
+    if ext.tables is not None and table.name not in ext.tables:
+        out.append(Problem(*where, f"{t.name} target is only valid in the "
+                           f"{'/'.join(sorted(ext.tables))} table"))
+    allowed = TARGET_HOOKS.get(t.name)
+    if allowed is not None and hooks - allowed:
+        out.append(Problem(*where, f"{t.name} target: used from a hook where it is invalid"))
+    if t.name == "REJECT":
+        rw = t.get("--reject-with")
+        if rw is not None and rw.value == "tcp-reset" and (rule.proto != 6 or rule.proto_neg):
+            out.append(Problem(*where, "REJECT --reject-with tcp-reset needs -p tcp"))
+    if t.name == "TCPMSS":
+        if rule.proto != 6 or rule.proto_neg:
+            out.append(Problem(*where, "TCPMSS target: only valid for TCP"))
+        elif not any(m.kind == "tcp" and _syn_match(m) for m in rule.matches):
+            out.append(Problem(*where, "TCPMSS target: only works on TCP SYN packets"))
+        elif t.get("--clamp-mss-to-pmtu") is not None and hooks - {
+                NfHook.FORWARD, NfHook.LOCAL_OUT, NfHook.POST_ROUTING}:
+            out.append(Problem(*where, "TCPMSS --clamp-mss-to-pmtu: only valid in FORWARD, "
+                               "OUTPUT and POSTROUTING"))
+    return out
+
+
+def _syn_match(m: object) -> bool:
+    flags = m.get("--tcp-flags")  # type: ignore[attr-defined]
+    if flags is None or flags.negated:
+        return False
+    return bool(flags.value[1] & 0x02)
