@@ -1,18 +1,4 @@
-"""Attach a netfilter program to an IPv4 or IPv6 hook with a BPF link.
-
-Kernel rules, checked on Linux 6.18 (see tests/kernel/test_attach.py):
-
-* ``pf`` is NFPROTO_IPV4 or NFPROTO_IPV6 (NFPROTO_INET: EAFNOSUPPORT), ``hook`` one of the
-  five inet hooks (others: EPROTO).
-* The priority must not be NF_IP_PRI_FIRST or NF_IP_PRI_LAST (ERANGE); with ``defrag`` it must
-  be above NF_IP_PRI_CONNTRACK_DEFRAG (-400), where defragmentation runs (ERANGE).
-* At most one hook per (netns, pf, hook, priority) when a BPF link is involved: a second BPF
-  link at the same priority, or a BPF link at the priority of an existing iptables/nftables
-  chain (iptables' filter table sits at 0), is refused with EBUSY. Pick another priority
-  (e.g. -1 or 1) next to such a chain.
-* The link belongs to the network namespace of the thread that creates it; ``netns`` makes
-  that the named namespace while pins stay in the caller's bpffs.
-"""
+"""Attach a netfilter program to an IPv4 or IPv6 hook with a BPF link."""
 
 from __future__ import annotations
 
@@ -22,6 +8,19 @@ from dataclasses import dataclass
 from bpfilter import bpf
 from bpfilter import netns as _netns
 from bpfilter.codegen.uapi import NETFILTER_IP_DEFRAG, NfHook, NfPriority, NfProto, ProgType
+
+# Kernel rules, checked on Linux 6.18 (see tests/kernel/test_attach.py):
+#
+# * ``pf`` is NFPROTO_IPV4 or NFPROTO_IPV6 (NFPROTO_INET: EAFNOSUPPORT), ``hook`` one of the
+#   five inet hooks (others: EPROTO).
+# * The priority must not be NF_IP_PRI_FIRST or NF_IP_PRI_LAST (ERANGE); with ``defrag`` it must
+#   be above NF_IP_PRI_CONNTRACK_DEFRAG (-400), where defragmentation runs (ERANGE).
+# * At most one hook per (netns, pf, hook, priority) when a BPF link is involved: a second BPF
+#   link at the same priority, or a BPF link at the priority of an existing iptables/nftables
+#   chain (iptables' filter table sits at 0), is refused with EBUSY. Pick another priority
+#   (e.g. -1 or 1) next to such a chain.
+# * The link belongs to the network namespace of the thread that creates it; ``netns`` makes
+#   that the named namespace while pins stay in the caller's bpffs.
 
 _FAMILIES = (NfProto.IPV4, NfProto.IPV6)
 

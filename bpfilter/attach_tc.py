@@ -1,15 +1,11 @@
-"""Attach a TC (sched_cls) program at ingress or egress: a tcx link, or clsact as fallback.
-
-The program returns TC_ACT_* / TCX_* verdicts in both cases (the fallback filter runs in
-direct-action mode). A tcx link detaches when its last fd closes (pin it to keep it); a
-clsact filter added over netlink belongs to the interface and stays until ``detach()``.
-"""
+"""Attach a TC (sched_cls) program at ingress or egress: a tcx link, or clsact as fallback."""
 
 from __future__ import annotations
 
 import contextlib
 import enum
 import errno
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +16,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 from bpfilter import bpf
 from bpfilter import netns as _netns
 from bpfilter.codegen.uapi import ENOTSUPP, AttachType, ProgType
+
+# The program returns TC_ACT_* / TCX_* verdicts in both cases (the fallback filter runs in
+# direct-action mode). A tcx link detaches when its last fd closes (pin it to keep it); a
+# clsact filter added over netlink belongs to the interface and stays until ``detach()``.
 
 # Errors meaning "this kernel has no tcx links" (older than 6.6): use clsact instead.
 LINK_UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP, errno.ENOSYS})
@@ -121,11 +121,15 @@ def _require_sched_cls(prog: bpf.Prog | int) -> None:
 
 @contextlib.contextmanager
 def _iproute(netns: str | None) -> Iterator[Any]:
+    """An rtnetlink handle in ``netns``; pyroute2's NetlinkError comes out as OSError."""
     # The netlink socket belongs to the namespace it was opened in.
     with _netns.entered(netns):
         ipr = IPRoute()
     try:
         yield ipr
+    except NetlinkError as e:
+        where = f" in network namespace {netns!r}" if netns else ""
+        raise OSError(e.code, f"TC netlink request{where}: {os.strerror(e.code)}") from e
     finally:
         ipr.close()
 

@@ -1,25 +1,26 @@
-"""Attach an XDP program to an interface: a BPF link, or netlink (pyroute2) as the fallback.
-
-A BPF XDP link detaches when its last fd closes (pin it to keep it). A netlink attachment is
-owned by the interface instead: it stays until ``detach()`` or until the interface goes away,
-so its handle needs no pin. Only one program per interface and mode: attaching over another
-one is refused (EBUSY) unless ``XdpOptions.replace`` (netlink only).
-"""
+"""Attach an XDP program to an interface: a BPF link, or netlink (pyroute2) as the fallback."""
 
 from __future__ import annotations
 
 import contextlib
 import enum
 import errno
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from bpfilter import bpf
 from bpfilter import netns as _netns
 from bpfilter.codegen.uapi import ENOTSUPP, ProgType, XdpFlag
+
+# A BPF XDP link detaches when its last fd closes (pin it to keep it). A netlink attachment is
+# owned by the interface instead: it stays until ``detach()`` or until the interface goes away,
+# so its handle needs no pin. Only one program per interface and mode: attaching over another
+# one is refused (EBUSY) unless ``XdpOptions.replace`` (netlink only).
 
 # Errors meaning "this kernel has no XDP BPF links" (older than 5.9): try netlink instead.
 LINK_UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP, errno.ENOSYS})
@@ -80,11 +81,15 @@ def _require_xdp(prog: bpf.Prog | int) -> None:
 
 @contextlib.contextmanager
 def _iproute(netns: str | None) -> Iterator[Any]:
+    """An rtnetlink handle in ``netns``; pyroute2's NetlinkError comes out as OSError."""
     # The netlink socket belongs to the namespace it was opened in.
     with _netns.entered(netns):
         ipr = IPRoute()
     try:
         yield ipr
+    except NetlinkError as e:
+        where = f" in network namespace {netns!r}" if netns else ""
+        raise OSError(e.code, f"XDP netlink request{where}: {os.strerror(e.code)}") from e
     finally:
         ipr.close()
 
@@ -124,8 +129,17 @@ def attach_xdp_netlink(
     index = _resolve(ifindex, netns)
     flags = options.mode if options.replace else options.mode | XdpFlag.UPDATE_IF_NOEXIST
     fd = prog.fd if isinstance(prog, bpf.Prog) else prog
-    with _iproute(netns) as ipr:
-        _set_xdp(ipr, index, fd, flags)
+    try:
+        with _iproute(netns) as ipr:
+            _set_xdp(ipr, index, fd, flags)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        raise OSError(
+            e.errno,
+            f"ifindex {index} already has an XDP program (or an XDP link) in this mode; "
+            "XdpOptions(replace=True) replaces a netlink-attached one",
+        ) from e
     return XdpNetlinkAttachment(index, netns, bpf.prog_info(prog).id, options.mode)
 
 

@@ -10,6 +10,7 @@ import functools
 import mmap
 import os
 import platform
+import select
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, Self, TypeVar
@@ -799,7 +800,10 @@ class Prog(Fd):
 
 
 class Link(Fd):
-    """A BPF link: the attachment lives until its last fd closes (or its pin is removed)."""
+    """A BPF link: the attachment lives until its last fd closes (or its pin is removed).
+
+    ``detach()`` (from Fd) only gives up the fd; ``link_detach(link)`` detaches in the kernel.
+    """
 
     __slots__ = ("_id",)
 
@@ -829,6 +833,7 @@ class RingBuffer:
             raise ValueError(f"map {ringbuf.spec.name} is not a ring buffer")
         self._page = mmap.PAGESIZE
         self._size = ringbuf.spec.max_entries
+        self._fd = ringbuf.fd
         self._consumer = mmap.mmap(
             ringbuf.fd, self._page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0
         )
@@ -858,7 +863,14 @@ class RingBuffer:
         self._consumer[0:8] = cons.to_bytes(8, "little")
         return out
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until records are available (True) or ``timeout`` seconds pass (False)."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else int(timeout * 1000)))
+
     def close(self) -> None:
+        """Unmap the buffer (the map itself stays open)."""
         self._consumer.close()
         self._data.close()
 
@@ -874,7 +886,7 @@ class RingBuffer:
 
 def _name(name: str) -> bytes:
     # The kernel accepts only alphanumerics, '_' and '.' in object names.
-    clean = "".join(c if c.isalnum() or c in "_." else "_" for c in name)
+    clean = "".join(c if (c.isascii() and c.isalnum()) or c in "_." else "_" for c in name)
     return clean.encode()[: BPF_OBJ_NAME_LEN - 1]
 
 

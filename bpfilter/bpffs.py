@@ -1,15 +1,4 @@
-"""The BPF filesystem: find or mount it, and keep bpfilter's pins in one directory per netns.
-
-Layout: ``<bpffs>/bpfilter/<netns name or "host">/<pin name>``, directories mode 0700, so only
-root can reach the pinned programs, maps and links.
-
-A caveat about ``ip netns exec``: it runs its command in a new mount namespace with a fresh
-``/sys``. A bpffs mounted there, and every pin made in it, disappears when the command exits,
-taking any link that only the pin kept alive with it. So bpfilter is never run under
-``ip netns exec``; it is given ``--netns NAME`` instead, enters the network namespace for the
-attachment only (see ``bpfilter.netns.entered``) and pins in the caller's bpffs.
-``ensure_mounted`` detects the ``ip netns exec`` case and refuses with that explanation.
-"""
+"""The BPF filesystem: find or mount it, and keep bpfilter's pins in one directory per netns."""
 
 from __future__ import annotations
 
@@ -20,6 +9,16 @@ import os
 from pathlib import Path
 
 from bpfilter import bpf, netns
+
+# Layout: ``<bpffs>/bpfilter/<netns name or "host">/<pin name>``, directories mode 0700, so only
+# root can reach the pinned programs, maps and links.
+#
+# A caveat about ``ip netns exec``: it runs its command in a new mount namespace with a fresh
+# ``/sys``. A bpffs mounted there, and every pin made in it, disappears when the command exits,
+# taking any link that only the pin kept alive with it. So bpfilter is never run under
+# ``ip netns exec``; it is given ``--netns NAME`` instead, enters the network namespace for the
+# attachment only (see ``bpfilter.netns.entered``) and pins in the caller's bpffs.
+# ``ensure_mounted`` detects the ``ip netns exec`` case and refuses with that explanation.
 
 DEFAULT_MOUNT = Path("/sys/fs/bpf")
 BPFFS_MAGIC = 0xCAFE4A11  # linux/magic.h: f_type of a bpffs (statfs)

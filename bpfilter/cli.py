@@ -11,7 +11,7 @@ from bpfilter import __version__
 
 # Each subcommand lives in its own module `bpfilter.cmd_<name>` exposing
 # `register(subparsers) -> argparse.ArgumentParser` and `run(args) -> int`.
-SUBCOMMANDS: tuple[str, ...] = ("demo",)
+SUBCOMMANDS: tuple[str, ...] = ("demo", "translate")
 
 
 def build_parser() -> argparse.ArgumentParser:

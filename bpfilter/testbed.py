@@ -1,11 +1,4 @@
-"""Throwaway test bed: two network namespaces joined by a veth pair, plus traffic probes.
-
-Used by the e2e tests, the benchmarks and ``bpfilter demo``. Nothing here touches the
-caller's own namespace: the veth pair is created inside the first namespace with its peer
-placed straight into the second, and both namespaces (with their bpffs pin directories) are
-deleted on exit, also after an exception or Ctrl-C. Addresses come from the benchmarking
-ranges 198.18.0.0/15 and 2001:db8::/32 only.
-"""
+"""Throwaway test bed: two network namespaces joined by a veth pair, plus traffic probes."""
 
 from __future__ import annotations
 
@@ -25,6 +18,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from bpfilter import bpffs, netns
+
+# Invariants (the e2e tests, the benchmarks and `bpfilter demo` rely on them): nothing here
+# touches the caller's own namespace (the veth pair is created inside the first namespace with
+# its peer placed straight into the second); both namespaces and their bpffs pin directories
+# are deleted on exit, also after an exception, Ctrl-C or SIGTERM; addresses come only from
+# 198.18.0.0/15 and 2001:db8::/32.
 
 IF_A = "veth-a"
 IF_B = "veth-b"
@@ -145,9 +144,9 @@ def run(
     return _cmd(["ip", "netns", "exec", netns.check_name(ns), *argv], check, timeout)
 
 
-def _cmd(argv: Sequence[str], check: bool = True, timeout: float = IP_TIMEOUT) -> (
-    subprocess.CompletedProcess[str]
-):
+def _cmd(
+    argv: Sequence[str], check: bool = True, timeout: float = IP_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise TestbedError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -318,9 +317,9 @@ def ping(
     timeout: float = 1.0,
     source: str | None = None,
 ) -> bool:
-    """Send ``count`` ICMP echo requests from ``ns_from`` (from address ``source`` if given)
-    to ``addr`` (IPv4 or IPv6), each waiting up to ``timeout`` seconds; True when at least
-    one reply came back (ping's rule).
+    """Send up to ``count`` ICMP echo requests from ``ns_from`` (from address ``source`` if
+    given) to ``addr`` (IPv4 or IPv6), each waiting up to ``timeout`` seconds; True at the
+    first reply (ping's rule: one answer is success), False when none came back.
 
     Raw sockets from this process, opened inside the namespace: no ping binary needed.
     """

@@ -7,11 +7,6 @@ from collections.abc import Iterable, Mapping
 from bpfilter.codegen.helpers import BpfFunc
 from bpfilter.codegen.insn import LD_IMM64, Insn, decode
 from bpfilter.codegen.opcodes import (
-    CLASS_MASK,
-    MODE_MASK,
-    OP_MASK,
-    SIZE_MASK,
-    SRC_MASK,
     AluOp,
     AtomicOp,
     Class,
@@ -61,27 +56,26 @@ def format_insn(
     ``map[id:N]``; ``kfunc_names`` (BTF id -> name) names kfunc calls like bpftool does.
     """
     code, dst, src, off = insn.opcode, insn.dst, insn.src, insn.off
-    cls = code & CLASS_MASK
+    cls = insn.cls
     if cls in (Class.ALU, Class.ALU64):
         imm = _s32(insn.imm)
-        op = code & OP_MASK
+        op = insn.op
         r = "w" if cls == Class.ALU else "r"
         if op == AluOp.END:
             if cls == Class.ALU64:
                 return f"r{dst} = bswap{imm} r{dst}"
-            order = "be" if code & SRC_MASK == Source.TO_BE else "le"
+            order = "be" if insn.source == Source.TO_BE else "le"
             return f"r{dst} = {order}{imm} r{dst}"
         if op == AluOp.NEG:
             return f"{r}{dst} = -{r}{dst}"
         if code == Class.ALU64 | AluOp.MOV | Source.X and off == _ADDR_SPACE_CAST:
             return f"r{dst} = addr_space_cast(r{src}, {(imm & 0xFFFFFFFF) >> 16}, {imm & 0xFFFF})"
         sym = _ALU_SIGNED[op] if off == 1 and op in _ALU_SIGNED else _ALU.get(op, _NULL)
-        if code & SRC_MASK == Source.X:
+        if insn.source == Source.X:
             sx = _MOVSX[off] if op == AluOp.MOV and off in _MOVSX else ""
             return f"{r}{dst} {sym} {sx}{r}{src}"
         return f"{r}{dst} {sym} {imm}"
-    size = Size(code & SIZE_MASK)
-    mode = code & MODE_MASK
+    size, mode = insn.size, insn.mode
     if cls == Class.STX:
         imm = insn.imm
         w = _LDST[size]
@@ -124,7 +118,7 @@ def format_insn(
             return f"r{dst} = {_imm64(insn, map_names)}"
         return f"BUG_ld_{code:02x}"
     # JMP and JMP32
-    op = code & OP_MASK
+    op = insn.op
     imm = _s32(insn.imm)
     if op == JmpOp.CALL:
         if src == PseudoCall.CALL:
@@ -146,7 +140,7 @@ def format_insn(
         return "exit"
     r = "w" if cls == Class.JMP32 else "r"
     sym = _JMP.get(op, _NULL)
-    if code & SRC_MASK == Source.X:
+    if insn.source == Source.X:
         return f"if {r}{dst} {sym} {r}{src} goto pc{off:+d}"
     return f"if {r}{dst} {sym} {imm & 0xFFFFFFFF:#x} goto pc{off:+d}"
 
@@ -171,11 +165,18 @@ def format_lines(
     *,
     map_names: Mapping[int, str] | None = None,
     kfunc_names: Mapping[int, str] | None = None,
+    annotations: Mapping[int, str] | None = None,
 ) -> list[str]:
-    """Lines as ``bpftool prog dump xlated`` prints them: ``   0: (b7) r0 = 1``."""
+    """Lines as ``bpftool prog dump xlated`` prints them: ``   0: (b7) r0 = 1``.
+
+    ``annotations`` (slot -> text, e.g. ``Linked.annotations``) adds a ``; text`` line before
+    the instruction, the way bpftool shows source lines.
+    """
     lines = []
     slot = 0
     for insn in insns:
+        if annotations and slot in annotations:
+            lines.append(f"; {annotations[slot]}")
         text = format_insn(insn, map_names=map_names, kfunc_names=kfunc_names)
         lines.append(f"{slot: 4d}: ({insn.opcode:02x}) {text}")
         slot += insn.slots
@@ -187,6 +188,8 @@ def disassemble(
     *,
     map_names: Mapping[int, str] | None = None,
     kfunc_names: Mapping[int, str] | None = None,
+    annotations: Mapping[int, str] | None = None,
 ) -> list[str]:
     """Disassemble encoded instructions into bpftool-style lines (one per instruction)."""
-    return format_lines(decode(code), map_names=map_names, kfunc_names=kfunc_names)
+    return format_lines(decode(code), map_names=map_names, kfunc_names=kfunc_names,
+                        annotations=annotations)

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from bpfilter.codegen.opcodes import (
     CLASS_MASK,
     INSN_SIZE,
+    MODE_MASK,
     OP_MASK,
+    SIZE_MASK,
+    SRC_MASK,
     Class,
     JmpOp,
     Mode,
@@ -75,6 +78,26 @@ class Insn:
         return Class(self.opcode & CLASS_MASK)
 
     @property
+    def op(self) -> int:
+        """The operation field of ALU/JMP opcodes (compare with AluOp / JmpOp)."""
+        return self.opcode & OP_MASK
+
+    @property
+    def source(self) -> int:
+        """The K/X (or TO_LE/TO_BE) bit of ALU/JMP opcodes (compare with Source)."""
+        return self.opcode & SRC_MASK
+
+    @property
+    def size(self) -> Size:
+        """The access width of a load/store."""
+        return Size(self.opcode & SIZE_MASK)
+
+    @property
+    def mode(self) -> int:
+        """The addressing mode of a load/store (compare with Mode)."""
+        return self.opcode & MODE_MASK
+
+    @property
     def is_ld_imm64(self) -> bool:
         return self.opcode == LD_IMM64
 
@@ -121,6 +144,8 @@ def encode(insns: Iterable[Insn]) -> bytes:
     slot = 0
     for insn in insns:
         try:
+            if (insn.dst | insn.src) & ~0x0F:
+                raise ValueError(f"register fields are 4 bits (dst={insn.dst}, src={insn.src})")
             regs = (insn.src << 4) | insn.dst
             if insn.opcode == LD_IMM64:
                 imm = insn.imm & _U64 if -(1 << 63) <= insn.imm <= _U64 else None

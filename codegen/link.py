@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bpfilter.codegen.asm import Label
+from bpfilter.codegen.disasm import format_lines
 from bpfilter.codegen.insn import LD_IMM64, Insn, encode
 from bpfilter.codegen.opcodes import Class, JmpOp, PseudoCall, PseudoSrc
 
@@ -38,6 +39,10 @@ class Linked:
 
     def __len__(self) -> int:
         return len(self.code) // 8
+
+    def dump(self, *, kfunc_names: Mapping[int, str] | None = None) -> list[str]:
+        """bpftool-style listing with the instructions' comments as ``; text`` lines."""
+        return format_lines(self.insns, kfunc_names=kfunc_names, annotations=self.annotations)
 
 
 def link(

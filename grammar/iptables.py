@@ -6,9 +6,6 @@ import functools
 from dataclasses import dataclass, field, replace
 from importlib import resources
 
-from lark import Lark, Token, Tree
-from lark.exceptions import UnexpectedEOF, UnexpectedInput, UnexpectedToken
-
 from bpfilter.codegen.uapi import NfHook
 from bpfilter.grammar.errors import EXIT_LINE_FAILED, EXIT_PARAMETER, ParseError
 from bpfilter.grammar.tokenize import TokenizeError, Word, split_words
@@ -35,6 +32,8 @@ from bpfilter.ir.model import (
 )
 from bpfilter.ir.targets import TARGETS, UNSUPPORTED_TARGETS, VERDICTS
 from bpfilter.ir.values import ValueError_, parse_prefix, parse_proto
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 # Built-in chains of each table, in the order iptables-save prints them.
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
@@ -397,13 +396,16 @@ class _Parser:
                                                               "--table".startswith(t))
             ):
                 raise self.error("The -t option cannot be used in iptables-restore.", col=w.col)
-        words = normalize(words)
+        self.rule_words(normalize(words), counters)
+
+    def rule_words(self, words: list[Word], counters: tuple[int, int] | None) -> None:
         if not words:
             raise self.error("no command specified", col=1)
         shape = tuple(_shape_word(w.text) for w in words)
         try:
             tpl = _cached_template(shape)
         except _ShapeError as e:
+            self.explain_unloadable(words, e.index)
             w = words[e.index] if e.index < len(words) else words[-1]
             raise self.error(e.message.format(w.text), col=w.col) from None
         try:
@@ -415,6 +417,19 @@ class _Parser:
                              exit_code=EXIT_LINE_FAILED) from None
         except ValueError_ as e:
             raise self.error(str(e), col=words[0].col) from None
+
+    def explain_unloadable(self, words: list[Word], upto: int) -> None:
+        """iptables loads `-m`/`-j` extensions before it meets their options: report those."""
+        assert self.cur is not None
+        for i in range(min(upto, len(words) - 1)):
+            opt, arg = words[i].text, words[i + 1]
+            try:
+                if opt == "-m":
+                    self.load_match(arg.text, arg.col)
+                elif opt == "-j" and arg.text not in self.cur.chains:
+                    self.load_target(arg.text, False, arg.col)
+            except _ParamError as e:
+                raise self.error(e.message, col=e.col) from None
 
     # -- commands --
     def execute(self, tpl: _Template, words: list[Word], counters: tuple[int, int] | None
@@ -647,7 +662,7 @@ class _Parser:
                 matches.append(Match(inst.ext.name, tuple(opts.values()), self.lineno, inst.col))
         base = Rule(proto=proto if proto else None, proto_neg=proto_neg if proto else False,
                     matches=tuple(matches), target=target, counters=counters,
-                    line=self.lineno, col=words[0].col, **f)  # type: ignore[arg-type]
+                    line=self.lineno, col=words[0].col, **f)
         if srcs is None and dsts is None:
             return [base]
         out = []
@@ -695,6 +710,9 @@ def _apply_option(inst: _ExtInst, opt: str, neg: bool, vals: tuple[str, ...], ct
     spec = inst.ext.options[opt]
     if neg and not spec.invert:
         raise _ParamError(f"option \"{opt}\" cannot be inverted", col)
+    before = inst.ext.after.get(opt)
+    if before is not None and before not in inst.opts:
+        raise _ParamError(f"option \"{opt}\" must come after \"{before}\"", col)
     if opt in inst.opts and opt not in inst.ext.repeatable:
         raise _ParamError(f"option \"{opt}\" can only be used once", col)
     value: object = True
@@ -750,6 +768,32 @@ def _renamed(r: Rule, old: str, new: str) -> Rule:
     return r
 
 
+def parse_command(argv: list[str], *, family: int = 4, table: str = "filter",
+                  filename: str = "<argv>") -> Ruleset:
+    """One `iptables ARGS...` command applied to empty tables (as the iptables binary parses
+    it: no restore tokenising, `-t TABLE` allowed). Returns the resulting table.
+    """
+    if family not in (4, 6):
+        raise ValueError(f"family must be 4 or 6, not {family}")
+    args = list(argv)
+    for i, a in enumerate(args[:-1]):
+        if a in ("-t", "--table"):
+            table = args[i + 1]
+            del args[i:i + 2]
+            break
+    p = _Parser(family, filename)
+    p.lineno = 1
+    p.start_table(f"*{table}")
+    words = []
+    col = 1
+    for a in args:
+        words.append(Word(a, col))
+        col += len(a) + 1
+    p.rule_words(normalize(words), None)
+    p.commit()
+    return Ruleset(tuple(p.tables.values()))
+
+
 def parse_restore(text: str, *, family: int = 4, filename: str = "<stdin>") -> Ruleset:
     """Parse iptables-restore input (family 4) or ip6tables-restore input (family 6).
 
@@ -761,4 +805,4 @@ def parse_restore(text: str, *, family: int = 4, filename: str = "<stdin>") -> R
     return _Parser(family, filename).run(text)
 
 
-__all__ = ["BUILTIN_CHAINS", "ParseError", "grammar_text", "parse_restore"]
+__all__ = ["BUILTIN_CHAINS", "ParseError", "grammar_text", "parse_command", "parse_restore"]

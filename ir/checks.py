@@ -19,7 +19,7 @@ class Problem:
 
 
 # Matches the kernel registers for one protocol only (`-m tcp` needs `-p tcp`).
-MATCH_PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58, "tcpmss": 6}
+MATCH_PROTO = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmp6": 58, "tcpmss": 6}
 # Hooks a target may run at (x_tables checkentry hook masks).
 TARGET_HOOKS: dict[str, frozenset[NfHook]] = {
     "DNAT": frozenset({NfHook.PRE_ROUTING, NfHook.LOCAL_OUT}),

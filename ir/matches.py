@@ -67,6 +67,8 @@ class Extension:
     tables: frozenset[str] | None = None  # targets only valid in these tables
     aliases: Mapping[str, str] = field(default_factory=dict)
     repeatable: frozenset[str] = frozenset()
+    # option -> an option that must come before it on the command line
+    after: Mapping[str, str] = field(default_factory=dict)
 
 
 def fail(msg: str) -> ValueError_:
@@ -138,6 +140,13 @@ def _require(opts: Opts, *names: str, msg: str) -> None:
         raise fail(msg)
 
 
+def _need(name: str, ext: str) -> Callable[[Opts, Ctx], Opts]:
+    def f(opts: Opts, ctx: Ctx) -> Opts:
+        _require(opts, name, msg=f"{ext}: option \"{name}\" must be specified")
+        return opts
+    return f
+
+
 # ---- tcp / udp ----------------------------------------------------------------------------
 
 TCP_FLAGS = [("FIN", 1), ("SYN", 2), ("RST", 4), ("PSH", 8), ("ACK", 16), ("URG", 32)]
@@ -183,7 +192,7 @@ def _tcp_save(opts: Opts, ctx: Ctx) -> str:
         out.append(f"{_neg(o)}--tcp-option {o.value}")
     o = opts.get("--tcp-flags")
     if o is not None:
-        mask, cmp = o.value  # type: ignore[misc]
+        mask, cmp = o.value
         out.append(
             f"{_neg(o)}--tcp-flags {_print_flags(mask, TCP_FLAGS)} {_print_flags(cmp, TCP_FLAGS)}"
         )
@@ -204,6 +213,43 @@ TCP = Extension(
 )
 UDP = Extension("udp", "match", dict(_PORT_OPTS), lambda o, c: " ".join(_ports_save(o)),
                 aliases=_PORT_ALIASES)
+
+SCTP_CHUNK_MATCH = ("all", "any", "only")
+SCTP_CHUNKS = {
+    "DATA": 0, "INIT": 1, "INIT_ACK": 2, "SACK": 3, "HEARTBEAT": 4, "HEARTBEAT_ACK": 5,
+    "ABORT": 6, "SHUTDOWN": 7, "SHUTDOWN_ACK": 8, "ERROR": 9, "COOKIE_ECHO": 10,
+    "COOKIE_ACK": 11, "ECN_ECNE": 12, "ECN_CWR": 13, "SHUTDOWN_COMPLETE": 14, "I_DATA": 64,
+    "RE_CONFIG": 130, "PAD": 132, "ASCONF": 193, "ASCONF_ACK": 128, "FORWARD_TSN": 192,
+    "I_FORWARD_TSN": 194,
+}
+
+
+def _chunk_types(args: tuple[str, ...], ctx: Ctx) -> tuple[str, str]:
+    how, chunks = args
+    if how not in SCTP_CHUNK_MATCH:
+        raise fail(f"sctp: bad chunk match type \"{how}\"")
+    if chunks in ("ALL", "NONE"):
+        return how, chunks
+    items = []
+    for part in chunks.split(","):
+        name, _, flags = part.partition(":")
+        if name not in SCTP_CHUNKS:
+            raise fail(f"Unknown sctp chunk `{name}'")
+        items.append((SCTP_CHUNKS[name], part))
+    return how, ",".join(p for _, p in sorted(items))
+
+
+def _sctp_save(opts: Opts, ctx: Ctx) -> str:
+    out = _ports_save(opts)
+    o = opts.get("--chunk-types")
+    if o is not None:
+        how, chunks = o.value
+        out.append(f"{_neg(o)}--chunk-types {how} {chunks}")
+    return " ".join(out)
+
+
+SCTP = Extension("sctp", "match", {**_PORT_OPTS, "--chunk-types": OptDef(_chunk_types, True)},
+                 _sctp_save, aliases=_PORT_ALIASES)
 
 
 # ---- icmp / icmp6 ---------------------------------------------------------------------------
@@ -269,7 +315,7 @@ def _icmp_save(name: str) -> Callable[[Opts, Ctx], str]:
         o = opts.get(name)
         if o is None:
             return ""
-        ty, lo, hi = o.value  # type: ignore[misc]
+        ty, lo, hi = o.value
         if ty == 255 and name == "--icmp-type":
             return f"{_neg(o)}{name} any"
         text = f"{_neg(o)}{name} {ty}"
@@ -316,24 +362,24 @@ def _conntrack_save(opts: Opts, ctx: Ctx) -> str:
     out = []
     o = opts.get("--ctstate")
     if o is not None:
-        out.append(f"{_neg(o)}--ctstate {_print_flags(o.value, CT_STATES)}")  # type: ignore[arg-type]
+        out.append(f"{_neg(o)}--ctstate {_print_flags(o.value, CT_STATES)}")
     o = opts.get("--ctproto")
     if o is not None:
         out.append(f"{_neg(o)}--ctproto {o.value}")
     for name in _CT_ADDRS:
         o = opts.get(name)
         if o is not None:
-            out.append(f"{_neg(o)}{name} {format_prefix_short(o.value)}")  # type: ignore[arg-type]
+            out.append(f"{_neg(o)}{name} {format_prefix_short(o.value)}")
     for name in _CT_PORTS:
         o = opts.get(name)
         if o is not None:
-            out.append(f"{_neg(o)}{name} {format_port_range(o.value)}")  # type: ignore[arg-type]
+            out.append(f"{_neg(o)}{name} {format_port_range(o.value)}")
     o = opts.get("--ctstatus")
     if o is not None:
-        out.append(f"{_neg(o)}--ctstatus {_print_flags(o.value, CT_STATUS)}")  # type: ignore[arg-type]
+        out.append(f"{_neg(o)}--ctstatus {_print_flags(o.value, CT_STATUS)}")
     o = opts.get("--ctexpire")
     if o is not None:
-        out.append(f"{_neg(o)}--ctexpire {format_port_range(o.value)}")  # type: ignore[arg-type]
+        out.append(f"{_neg(o)}--ctexpire {format_port_range(o.value)}")
     o = opts.get("--ctdir")
     if o is not None:
         out.append(f"--ctdir {o.value}")
@@ -361,14 +407,12 @@ CONNTRACK = Extension(
 
 def _state_save(opts: Opts, ctx: Ctx) -> str:
     o = opts["--state"]
-    return f"{_neg(o)}--state {_print_flags(o.value, CT_STATES)}"  # type: ignore[arg-type]
+    return f"{_neg(o)}--state {_print_flags(o.value, CT_STATES)}"
 
 
 STATE = Extension(
     "state", "match", {"--state": OptDef(_one(lambda s, c: _state_state(s)), True)},
-    _state_save,
-    lambda o, c: (_require(o, "--state", msg="state match: option \"--state\" must be specified"),
-                  o)[1],
+    _state_save, _need("--state", "state"),
 )
 
 
@@ -409,7 +453,7 @@ def _multiport_finalize(opts: Opts, ctx: Ctx) -> Opts:
 
 def _multiport_save(opts: Opts, ctx: Ctx) -> str:
     (name, o), = opts.items()
-    ports = ",".join(format_port_range(r) for r in o.value)  # type: ignore[attr-defined]
+    ports = ",".join(format_port_range(r) for r in o.value)
     return f"{_neg(o)}{name} {ports}"
 
 
@@ -426,8 +470,7 @@ MULTIPORT = Extension(
 COMMENT = Extension(
     "comment", "match", {"--comment": OptDef(_str_max(255, "COMMENT"))},
     lambda o, c: f"--comment {save_string(str(o['--comment'].value))}",
-    lambda o, c: (_require(o, "--comment", msg="comment: option \"--comment\" must be specified"),
-                  o)[1],
+    _need("--comment", "comment"),
 )
 
 LIMIT_SCALE = 10000
@@ -474,7 +517,7 @@ def _limit_finalize(opts: Opts, ctx: Ctx) -> Opts:
 
 
 def _limit_save(opts: Opts, ctx: Ctx) -> str:
-    out = f"--limit {print_rate(int(opts['--limit'].value))}"  # type: ignore[call-overload]
+    out = f"--limit {print_rate(int(opts['--limit'].value))}"
     burst = opts["--limit-burst"].value
     if burst != 5:
         out += f" --limit-burst {burst}"
@@ -491,15 +534,8 @@ LIMIT = Extension(
 
 def _mark_save(opts: Opts, ctx: Ctx) -> str:
     o = opts["--mark"]
-    v, m = o.value  # type: ignore[misc]
+    v, m = o.value
     return f"{_neg(o)}--mark 0x{v:x}" + (f"/0x{m:x}" if m != U32 else "")
-
-
-def _need(name: str, ext: str) -> Callable[[Opts, Ctx], Opts]:
-    def f(opts: Opts, ctx: Ctx) -> Opts:
-        _require(opts, name, msg=f"{ext}: option \"{name}\" must be specified")
-        return opts
-    return f
 
 
 MARK_M = Extension("mark", "match", {"--mark": OptDef(_one(_mark), True)}, _mark_save,
@@ -533,7 +569,7 @@ def _addrtype_save(opts: Opts, ctx: Ctx) -> str:
     for name in ("--src-type", "--dst-type"):
         o = opts.get(name)
         if o is not None:
-            out.append(f"{_neg(o)}{name} {_print_flags(o.value, ADDR_TYPES)}")  # type: ignore[arg-type]
+            out.append(f"{_neg(o)}{name} {_print_flags(o.value, ADDR_TYPES)}")
     for name in ("--limit-iface-in", "--limit-iface-out"):
         if name in opts:
             out.append(name)
@@ -561,7 +597,7 @@ def _iprange_save(opts: Opts, ctx: Ctx) -> str:
     for name in ("--src-range", "--dst-range"):
         o = opts.get(name)
         if o is not None:
-            lo, hi = o.value  # type: ignore[misc]
+            lo, hi = o.value
             out.append(f"{_neg(o)}{name} {format_address(lo, ctx.bits)}-"
                        f"{format_address(hi, ctx.bits)}")
     return " ".join(out)
@@ -583,7 +619,7 @@ IPRANGE = Extension(
 def _range_save(name: str) -> Callable[[Opts, Ctx], str]:
     def save(opts: Opts, ctx: Ctx) -> str:
         o = opts[name]
-        return f"{_neg(o)}{name} {format_port_range(o.value)}"  # type: ignore[arg-type]
+        return f"{_neg(o)}{name} {format_port_range(o.value)}"
     return save
 
 
@@ -667,7 +703,7 @@ def _tos_value(s: str, default_mask: int = 0xFF) -> tuple[int, int]:
 
 TOS_M = Extension(
     "tos", "match", {"--tos": OptDef(_one(lambda s, c: _tos_value(s)), True)},
-    lambda o, c: "{}--tos 0x{:02x}/0x{:02x}".format(_neg(o["--tos"]), *o["--tos"].value),  # type: ignore[misc]
+    lambda o, c: "{}--tos 0x{:02x}/0x{:02x}".format(_neg(o["--tos"]), *o["--tos"].value),
     _need("--tos", "tos"),
 )
 
@@ -742,7 +778,7 @@ def _recent_save(opts: Opts, ctx: Ctx) -> str:
     if "--rttl" in opts:
         out.append("--rttl")
     out.append(f"--name {opts['--name'].value}")
-    out.append(f"--mask {format_address(int(opts['--mask'].value), ctx.bits)}")  # type: ignore[call-overload]
+    out.append(f"--mask {format_address(int(opts['--mask'].value), ctx.bits)}")
     out.append("--rsource" if "--rsource" in opts else "--rdest")
     return " ".join(out)
 
@@ -753,7 +789,7 @@ def _recent_mask(args: tuple[str, ...], ctx: Ctx) -> int:
 
 def _recent_name(args: tuple[str, ...], ctx: Ctx) -> str:
     s = args[0]
-    if not s or len(s) > 200 or not all(c.isalnum() or c in "_-." for c in s):
+    if not s or len(s) >= 200:
         raise fail(f"Illegal name `{s}'")
     return s
 
@@ -794,8 +830,8 @@ def _statistic_finalize(opts: Opts, ctx: Ctx) -> Opts:
             raise fail("statistic: --probability needs random mode")
         if "--every" not in opts:
             raise fail("statistic: --every is required in nth mode")
-        every = int(opts["--every"].value)  # type: ignore[call-overload]
-        packet = int(opts.get("--packet", Option("--packet", 0)).value)  # type: ignore[call-overload]
+        every = int(opts["--every"].value)
+        packet = int(opts.get("--packet", Option("--packet", 0)).value)
         if every == 0:
             raise fail("statistic: --every must be at least 1")
         if packet >= every:
@@ -808,7 +844,7 @@ def _statistic_save(opts: Opts, ctx: Ctx) -> str:
     mode = opts["--mode"].value
     if mode == "random":
         o = opts["--probability"]
-        return f"--mode random {_neg(o)}--probability {int(o.value) / 0x80000000:.11f}"  # type: ignore[call-overload]
+        return f"--mode random {_neg(o)}--probability {int(o.value) / 0x80000000:.11f}"
     o = opts["--every"]
     return f"--mode nth {_neg(o)}--every {o.value} --packet {opts['--packet'].value}"
 
@@ -833,7 +869,7 @@ def _connlimit_finalize(opts: Opts, ctx: Ctx) -> Opts:
     if "--connlimit-saddr" in opts and "--connlimit-daddr" in opts:
         raise fail("connlimit: only one of --connlimit-saddr or --connlimit-daddr")
     opts.setdefault("--connlimit-mask", Option("--connlimit-mask", ctx.bits))
-    if int(opts["--connlimit-mask"].value) > ctx.bits:  # type: ignore[call-overload]
+    if int(opts["--connlimit-mask"].value) > ctx.bits:
         raise fail("connlimit: invalid mask")
     return opts
 
@@ -911,7 +947,7 @@ OWNER = Extension(
     "owner", "match",
     {"--uid-owner": OptDef(_id_range, True), "--gid-owner": OptDef(_id_range, True),
      "--socket-exists": OptDef(None, True), "--suppl-groups": OptDef(None, True)},
-    _owner_save, _owner_order,
+    _owner_save, _owner_order, after={"--suppl-groups": "--gid-owner"},
 )
 
 TCPMSS_M = Extension("tcpmss", "match", {"--mss": OptDef(_range_u(65535), True)},
@@ -944,7 +980,7 @@ def _match_set(args: tuple[str, ...], ctx: Ctx) -> tuple[str, str]:
 
 def _set_save(opts: Opts, ctx: Ctx) -> str:
     o = opts["--match-set"]
-    name, flags = o.value  # type: ignore[misc]
+    name, flags = o.value
     out = [f"{_neg(o)}--match-set {name} {flags}"]
     if "--return-nomatch" in opts:
         out.append("--return-nomatch")
@@ -988,18 +1024,18 @@ def _hashlimit_save(opts: Opts, ctx: Ctx) -> str:
     out = []
     for name in ("--hashlimit-upto", "--hashlimit-above"):
         if name in opts:
-            out.append(f"{name} {print_rate(int(opts[name].value))}")  # type: ignore[call-overload]
+            out.append(f"{name} {print_rate(int(opts[name].value))}")
     out.append(f"--hashlimit-burst {opts['--hashlimit-burst'].value}")
     if "--hashlimit-mode" in opts:
         modes = opts["--hashlimit-mode"].value
-        out.append("--hashlimit-mode " + ",".join(m for m in _HL_MODES if m in modes))  # type: ignore[operator]
-    for name in ("--hashlimit-srcmask", "--hashlimit-dstmask"):
-        if name in opts and opts[name].value != ctx.bits:
-            out.append(f"{name} {opts[name].value}")
+        out.append("--hashlimit-mode " + ",".join(m for m in _HL_MODES if m in modes))
     out.append(f"--hashlimit-name {opts['--hashlimit-name'].value}")
     for name in ("--hashlimit-htable-size", "--hashlimit-htable-max",
                  "--hashlimit-htable-gcinterval", "--hashlimit-htable-expire"):
         if name in opts:
+            out.append(f"{name} {opts[name].value}")
+    for name in ("--hashlimit-srcmask", "--hashlimit-dstmask"):
+        if name in opts and opts[name].value != ctx.bits:
             out.append(f"{name} {opts[name].value}")
     return " ".join(out)
 
@@ -1021,18 +1057,18 @@ HASHLIMIT = Extension(
 
 
 MATCHES: dict[str, Extension] = {
-    e.name: e for e in (TCP, UDP, ICMP, ICMP6, CONNTRACK, STATE, MULTIPORT, COMMENT, LIMIT,
+    e.name: e for e in (TCP, UDP, SCTP, ICMP, ICMP6, CONNTRACK, STATE, MULTIPORT, COMMENT, LIMIT,
                         MARK_M, CONNMARK_M, ADDRTYPE, IPRANGE, LENGTH, PKTTYPE, MAC, TTL_M,
                         HL_M, TOS_M, DSCP_M, RECENT, STATISTIC, CONNLIMIT, OWNER, TCPMSS_M,
                         RPFILTER, SET, HASHLIMIT)
 }
 # Proto names that load a match implicitly (`-p tcp --dport 22` loads `-m tcp`).
-PROTO_MATCH = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6"}
+PROTO_MATCH = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmp6"}
 MATCH_ALIASES = {"icmpv6": "icmp6", "ipv6-icmp": "icmp6"}
 
 # Real iptables extensions this project does not support: refused by name.
 UNSUPPORTED_MATCHES = frozenset({
-    "u32", "string", "time", "physdev", "devgroup", "socket", "sctp", "dccp", "esp", "ah",
+    "u32", "string", "time", "physdev", "devgroup", "socket", "dccp", "esp", "ah",
     "policy", "quota", "quota2", "helper", "realm", "osf", "cgroup", "cpu", "connbytes",
     "connlabel", "cluster", "bpf", "ipvs", "nfacct", "rateest", "geoip", "l2tp", "ecn",
     "frag", "hbh", "dst", "rt", "ipv6header", "mh", "eui64", "srh", "condition", "account",

@@ -155,7 +155,7 @@ def _mark_finalize(opts: Opts, ctx: Ctx) -> Opts:
         raise fail("MARK target: exactly one of --set-xmark, --set-mark, --and-mark, "
                    "--or-mark or --xor-mark is required")
     o = opts[given[0]]
-    v, m = o.value  # type: ignore[misc]
+    v, m = o.value
     if given[0] in ("--and-mark", "--or-mark", "--xor-mark") and m != U32:
         raise fail(f"MARK target: {given[0]} takes no mask")
     mark, mask = {"--set-xmark": (v, m), "--set-mark": (v, v | m), "--and-mark": (0, ~v & U32),
@@ -165,7 +165,7 @@ def _mark_finalize(opts: Opts, ctx: Ctx) -> Opts:
 
 MARK_T = Extension(
     "MARK", "target", {n: OptDef(_one(_mark)) for n in _MARK_OPTS},
-    lambda o, c: "--set-xmark 0x{:x}/0x{:x}".format(*o["--set-xmark"].value),  # type: ignore[misc]
+    lambda o, c: "--set-xmark 0x{:x}/0x{:x}".format(*o["--set-xmark"].value),
     _mark_finalize,
 )
 
@@ -193,7 +193,7 @@ def _connmark_finalize(opts: Opts, ctx: Ctx) -> Opts:
 
 def _connmark_save(opts: Opts, ctx: Ctx) -> str:
     (mode, o), = opts.items()
-    a, b = o.value  # type: ignore[misc]
+    a, b = o.value
     if mode == "--set-xmark":
         return f"--set-xmark 0x{a:x}/0x{b:x}"
     return f"{mode} --nfmask 0x{a:x} --ctmask 0x{b:x}"
@@ -263,6 +263,18 @@ NOTRACK = Extension("NOTRACK", "target", {}, lambda o, c: "", tables=frozenset({
 _PORT_PROTOS = {6, 17, 33, 132, 136}
 
 
+def _port_or_range(text: str) -> tuple[int, int, bool]:
+    """A service name or number, or a numeric `LO-HI` range (names only stand alone)."""
+    try:
+        p = parse_port(text)
+        return p, p, False
+    except ValueError_:
+        a, dash, b = text.partition("-")
+        if not (dash and a.isdigit() and b.isdigit()):
+            raise
+        return parse_port(a), parse_port(b), True
+
+
 def _nat_range(text: str, ctx: Ctx) -> str:
     """Validate `ADDR[-ADDR][:PORT[-PORT][/BASE]]` and print it canonically."""
     bits = ctx.bits
@@ -295,12 +307,10 @@ def _nat_range(text: str, ctx: Ctx) -> str:
         if ctx.proto not in _PORT_PROTOS:
             raise fail("Need TCP, UDP, SCTP or DCCP with port specification")
         rng, slash, base = ports.partition("/")
-        a, dash, b = rng.partition("-")
-        lo_p = parse_port(a)
-        hi_p = parse_port(b) if dash else lo_p
+        lo_p, hi_p, is_range = _port_or_range(rng)
         if lo_p > hi_p:
             raise fail(f"Invalid port range `{ports}'")
-        out_ports = str(lo_p) + (f"-{hi_p}" if dash else "")
+        out_ports = str(lo_p) + (f"-{hi_p}" if is_range else "")
         if slash:
             bp = parse_port(base)
             if bp == 0:
@@ -333,24 +343,22 @@ DNAT = Extension(
     "DNAT", "target",
     {"--to-destination": OptDef(_one(_nat_range)), "--random": OptDef(None),
      "--persistent": OptDef(None)},
-    _nat_save("--to-destination", ("--random", "--persistent")),  # type: ignore[arg-type]
-    _nat_finalize("--to-destination"), tables=frozenset({"nat"}),  # type: ignore[arg-type]
+    _nat_save("--to-destination", ("--random", "--persistent")),
+    _nat_finalize("--to-destination"), tables=frozenset({"nat"}),
 )
 SNAT = Extension(
     "SNAT", "target",
     {"--to-source": OptDef(_one(_nat_range)), "--random": OptDef(None),
      "--random-fully": OptDef(None), "--persistent": OptDef(None)},
-    _nat_save("--to-source", ("--random", "--random-fully", "--persistent")),  # type: ignore[arg-type]
-    _nat_finalize("--to-source"), tables=frozenset({"nat"}),  # type: ignore[arg-type]
+    _nat_save("--to-source", ("--random", "--random-fully", "--persistent")),
+    _nat_finalize("--to-source"), tables=frozenset({"nat"}),
 )
 
 
 def _to_ports(args: tuple[str, ...], ctx: Ctx) -> str:
     if ctx.proto not in _PORT_PROTOS:
         raise fail("Need TCP, UDP, SCTP or DCCP with port specification")
-    a, dash, b = args[0].partition("-")
-    lo = parse_port(a)
-    hi = parse_port(b) if dash else lo
+    lo, hi, dash = _port_or_range(args[0])
     if lo > hi:
         raise fail(f"Invalid port range `{args[0]}'")
     return str(lo) + (f"-{hi}" if dash else "")
@@ -359,12 +367,12 @@ def _to_ports(args: tuple[str, ...], ctx: Ctx) -> str:
 MASQUERADE = Extension(
     "MASQUERADE", "target",
     {"--to-ports": OptDef(_to_ports), "--random": OptDef(None), "--random-fully": OptDef(None)},
-    _nat_save("--to-ports", ("--random", "--random-fully")),  # type: ignore[arg-type]
+    _nat_save("--to-ports", ("--random", "--random-fully")),
     tables=frozenset({"nat"}),
 )
 REDIRECT = Extension(
     "REDIRECT", "target", {"--to-ports": OptDef(_to_ports), "--random": OptDef(None)},
-    _nat_save("--to-ports", ("--random",)), tables=frozenset({"nat"}),  # type: ignore[arg-type]
+    _nat_save("--to-ports", ("--random",)), tables=frozenset({"nat"}),
 )
 
 # ---- DSCP, TOS, TTL, HL, TCPMSS, CHECKSUM ----------------------------------------------------
@@ -394,7 +402,7 @@ def _tos_t_finalize(opts: Opts, ctx: Ctx) -> Opts:
     o = opts[given[0]]
     if given[0] == "--set-tos":
         return {"--set-tos": Option("--set-tos", o.value)}
-    v = int(o.value)  # type: ignore[call-overload]
+    v = int(o.value)
     value, mask = {"--and-tos": (0, ~v & 0xFF), "--or-tos": (v, v), "--xor-tos": (v, 0)}[given[0]]
     return {"--set-tos": Option("--set-tos", (value, mask))}
 
@@ -403,7 +411,7 @@ TOS_T = Extension(
     "TOS", "target",
     {"--set-tos": OptDef(_one(lambda s, c: _tos_value(s))),
      **{n: OptDef(_uint(255, "TOS")) for n in _TOS_OPTS[1:]}},
-    lambda o, c: "--set-tos 0x{:02x}/0x{:02x}".format(*o["--set-tos"].value),  # type: ignore[misc]
+    lambda o, c: "--set-tos 0x{:02x}/0x{:02x}".format(*o["--set-tos"].value),
     _tos_t_finalize, tables=frozenset({"mangle"}),
 )
 

@@ -6,13 +6,20 @@ import os
 import socket
 
 import pytest
+from bpfilter.codegen.uapi import (
+    NfHook,
+    NfPriority,
+    NfProto,
+    NfVerdict,
+    ProgType,
+    TcAction,
+    XdpAction,
+)
 
 from bpfilter import bpf, bpffs, testbed
 from bpfilter.attach_netfilter import NetfilterOptions, attach_netfilter
 from bpfilter.attach_tc import TcDirection, TcOptions, attach_tc, attach_tc_netlink
 from bpfilter.attach_xdp import XdpOptions, attach_xdp, attach_xdp_netlink
-from bpfilter.codegen.uapi import NfHook, NfPriority, NfProto, NfVerdict, ProgType, TcAction
-from bpfilter.codegen.uapi import XdpAction
 
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 KINDS = ("netfilter", "xdp", "tc")
@@ -42,11 +49,12 @@ def attach(kind: str, prog: bpf.Prog, pair: testbed.NetnsPair, family: int) -> b
         options = NetfilterOptions(pf, NfHook.LOCAL_IN, NfPriority.FILTER)
         return attach_netfilter(prog, options, netns=pair.b)
     if kind == "xdp":
-        link = attach_xdp(prog, pair.if_b, XdpOptions(fallback=False), netns=pair.b)
-    else:
-        link = attach_tc(prog, pair.if_b, TcOptions(fallback=False), netns=pair.b)
-    assert isinstance(link, bpf.Link)
-    return link
+        xdp = attach_xdp(prog, pair.if_b, XdpOptions(fallback=False), netns=pair.b)
+        assert isinstance(xdp, bpf.Link)
+        return xdp
+    tc = attach_tc(prog, pair.if_b, TcOptions(fallback=False), netns=pair.b)
+    assert isinstance(tc, bpf.Link)
+    return tc
 
 
 @pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES.keys())

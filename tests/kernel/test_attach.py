@@ -7,11 +7,6 @@ import json
 from collections.abc import Iterator
 
 import pytest
-
-from bpfilter import attach_netfilter, attach_tc, attach_xdp, bpf, testbed
-from bpfilter.attach_netfilter import NetfilterOptions
-from bpfilter.attach_tc import TcDirection, TcNetlinkAttachment, TcOptions
-from bpfilter.attach_xdp import XdpMode, XdpNetlinkAttachment, XdpOptions
 from bpfilter.codegen import asm
 from bpfilter.codegen.insn import R0
 from bpfilter.codegen.link import link
@@ -25,6 +20,11 @@ from bpfilter.codegen.uapi import (
     NfProto,
     ProgType,
 )
+
+from bpfilter import attach_netfilter, attach_tc, attach_xdp, bpf, testbed
+from bpfilter.attach_netfilter import NetfilterOptions
+from bpfilter.attach_tc import TcDirection, TcNetlinkAttachment, TcOptions
+from bpfilter.attach_xdp import XdpMode, XdpNetlinkAttachment, XdpOptions
 
 ATTACH_TYPE = {ProgType.NETFILTER: AttachType.NETFILTER, ProgType.XDP: AttachType.XDP}
 
@@ -77,8 +77,8 @@ def test_netfilter_options_family_and_hook():
     with pytest.raises(ValueError, match="NFPROTO_IPV4 or NFPROTO_IPV6"):
         NetfilterOptions(NfProto.INET, NfHook.LOCAL_IN, 0)
     with pytest.raises(ValueError, match="netfilter link"):
-        NetfilterOptions(NfProto.IPV4, 5, 0)  # type: ignore[arg-type]
-    opts = NetfilterOptions(2, 1, 0)  # type: ignore[arg-type]
+        NetfilterOptions(NfProto.IPV4, 5, 0)
+    opts = NetfilterOptions(2, 1, 0)
     assert (opts.pf, opts.hook) == (NfProto.IPV4, NfHook.LOCAL_IN)
 
 

@@ -392,11 +392,12 @@ def test_ringbuf_written_by_program_read_via_mmap() -> None:
         ]
         code = link(program, maps={"ring": ring.fd}).code
         with load("t_ringw", ProgType.XDP, code) as prog, bpf.RingBuffer(ring) as reader:
-            assert reader.read() == []
+            assert reader.read() == [] and not reader.wait(0)
             for n in (1, 2):
                 bpf.prog_test_run(prog, bytes(14) + u64(0xBEEF00 + n) + bytes(42))
+            assert reader.wait(0)
             assert reader.read() == [u64(0xBEEF01), u64(0xBEEF02)]
-            assert reader.read() == []
+            assert reader.read() == [] and not reader.wait(0)
             for n in range(600):  # wraps around the 4 KiB data area (16-byte records)
                 bpf.prog_test_run(prog, bytes(14) + u64(n) + bytes(42))
                 if n % 100 == 99:

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from bpfilter import bpf, bpffs, testbed
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import MapType
+
+from bpfilter import bpf, bpffs, testbed
 
 MOUNTINFO = (
     "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
@@ -54,7 +54,9 @@ def test_ensure_mounted_finds_a_bpffs():
 
 def test_pin_dir_is_root_only(ns):
     d = bpffs.pin_dir(ns)
-    assert d == bpffs.find() / "bpfilter" / ns
+    root = bpffs.find()
+    assert root is not None
+    assert d == root / "bpfilter" / ns
     for level in (d, d.parent):
         st = os.stat(level)
         assert stat.S_IMODE(st.st_mode) == 0o700

@@ -62,9 +62,9 @@ def test_entered_none_stays_put():
 def test_missing_namespace_is_a_clear_error():
     home = netns.inode()
     missing = testbed.unique_name("bpft-missing")
-    with pytest.raises(netns.NetnsError, match=rf"{missing}.*does not exist.*ip netns add"):
-        with netns.entered(missing):
-            pytest.fail("body must not run")
+    expected = rf"{missing}.*does not exist.*ip netns add"
+    with pytest.raises(netns.NetnsError, match=expected), netns.entered(missing):
+        pytest.fail("body must not run")
     assert netns.inode() == home
     assert not netns.exists(missing)
     with pytest.raises(netns.NetnsError, match="does not exist"):

@@ -167,6 +167,7 @@ def test_map_checks_sizes_before_any_syscall(monkeypatch: pytest.MonkeyPatch) ->
 def test_object_names() -> None:
     assert bpf._name("fw-input.v4") == b"fw_input.v4"
     assert bpf._name("a" * 20) == b"a" * 15
+    assert bpf._name("é-x") == b"__x"  # the kernel takes ASCII alphanumerics, '_' and '.'
 
 
 def test_log_summary_skips_statistics() -> None:

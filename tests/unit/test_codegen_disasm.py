@@ -110,3 +110,9 @@ def test_malformed_instructions_print_like_the_kernel() -> None:
     assert format_lines([Insn(0x39, 0, 0, 0, 0)]) == ["   0: (39) BUG_ldx_39"]
     assert format_lines([Insn(0xA2, 0, 0, 0, 0)]) == ["   0: (a2) BUG_st_a2"]
     assert format_lines([Insn(0xC2, 0, 0, 0, 0)]) == ["   0: (c2) nospec"]
+
+
+def test_annotations_precede_their_instruction() -> None:
+    code = encode([asm.ld_imm64(R1, 1), asm.exit_()])
+    assert disassemble(code, annotations={2: "rule 7"}) == [
+        "   0: (18) r1 = 0x1", "; rule 7", "   2: (95) exit"]

@@ -98,6 +98,8 @@ def test_encode_rejects_out_of_range_fields() -> None:
         encode([asm.exit_(), Insn(0xB7, 0, 0, 0, 1 << 40)])
     with pytest.raises(ValueError, match="insn 0"):
         encode([Insn(0x05, 0, 0, 40000, 0)])
+    with pytest.raises(ValueError, match="4 bits"):
+        encode([Insn(0xBF, 16, 0, 0, 0)])
 
 
 def test_register_aliases() -> None:

@@ -8,6 +8,8 @@ from bpfilter.codegen.asm import Label
 from bpfilter.codegen.insn import FP, R0, R1, R2, Insn, decode
 from bpfilter.codegen.link import LinkError, link
 from bpfilter.codegen.opcodes import Size
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 def test_forward_and_backward_jumps() -> None:
@@ -64,6 +66,11 @@ def test_annotations_follow_slots() -> None:
     prog = [asm.ld_imm64(R1, 5, comment="rule 1"), asm.mov64(R0, 1, comment="rule 2"),
             asm.exit_()]
     assert link(prog).annotations == {0: "rule 1", 2: "rule 2"}
+
+
+def test_dump_shows_comments_and_unresolved_maps() -> None:
+    linked = link([asm.ld_map_fd(R1, "m", comment="-A INPUT -j DROP"), asm.exit_()])
+    assert linked.dump() == ["; -A INPUT -j DROP", "   0: (18) r1 = map[id:0]", "   2: (95) exit"]
 
 
 def test_already_resolved_instructions_pass_through() -> None:
@@ -123,3 +130,52 @@ def test_large_program_links() -> None:
     linked = link(prog)
     assert len(linked) == 40000
     assert all(i.off == 1 for i in linked.insns[::2])
+
+
+def _build(kind: str, n: int) -> Insn:
+    if kind == "mov":
+        return asm.mov64(R0, n)
+    if kind == "imm64":
+        return asm.ld_imm64(R1, n << 40)
+    if kind == "jeq":
+        return asm.jeq(R1, n, f"L{n}")
+    if kind == "ja":
+        return asm.ja(f"L{n}")
+    if kind == "gotol":
+        return asm.gotol(f"L{n}")
+    return asm.call_local(f"L{n}")
+
+
+SLOTS = {"mov": 1, "imm64": 2, "jeq": 1, "ja": 1, "gotol": 1, "call": 1}
+
+
+@given(st.lists(st.tuples(st.sampled_from(sorted(SLOTS)), st.integers(0, 4)), max_size=60),
+       st.lists(st.integers(0, 60), min_size=5, max_size=5))
+def test_every_target_lands_on_its_label(items: list[tuple[str, int]], at: list[int]) -> None:
+    prog: list[Insn | Label] = []
+    label_slot: dict[str, int] = {}
+    targets: list[str] = []  # label of each jump, in program order
+    slot = 0
+    for i in range(len(items) + 1):
+        for n, pos in enumerate(at):
+            if min(pos, len(items)) == i and f"L{n}" not in label_slot:
+                prog.append(Label(f"L{n}"))
+                label_slot[f"L{n}"] = slot
+        if i == len(items):
+            break
+        kind, n = items[i]
+        prog.append(_build(kind, n))
+        if kind not in ("mov", "imm64"):
+            targets.append(f"L{n}")
+        slot += SLOTS[kind]
+    linked = link(prog)
+    # Walk the decoded bytes (not the linker's bookkeeping) to see where each jump lands.
+    landed = []
+    slot = 0
+    for insn in decode(linked.code):
+        if insn.is_jump or insn.is_local_call:
+            rel = insn.imm if insn.opcode in (0x06, 0x85) else insn.off
+            landed.append(slot + 1 + rel)
+        slot += insn.slots
+    assert landed == [label_slot[t] for t in targets]
+    assert slot == len(linked)
