@@ -71,7 +71,7 @@ class Step:
         return self.expected == self.observed
 
 
-def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="show a hand-assembled filter dropping and passing packets in a throwaway netns",

@@ -385,6 +385,20 @@ class _Parser:
             counters = _counters(line[: end + 1])
             body = line[end + 1:]
             offset = end + 1
+        if '"' not in body and _PLAIN(body):
+            # Fast path: no quoting, so str.split() tokenises exactly like iptables-restore
+            # and columns are only computed if an error needs one.
+            texts = body.split()
+            shape = tuple(["V" if (t[0] != "-" or len(t) == 1) and t != "!" else t
+                           for t in texts])
+            tpl = self.fast_template(shape)
+            if tpl is not None:
+                cols = _LazyCols(body, offset)
+                try:
+                    self.execute(tpl, texts, cols, counters)
+                except (_ParamError, _LineFailed, ValueError_) as e:
+                    raise self.convert(e, cols) from None
+                return
         try:
             words = split_words(body, offset)
         except TokenizeError as e:
@@ -398,6 +412,36 @@ class _Parser:
                 raise self.error("The -t option cannot be used in iptables-restore.", col=w.col)
         self.rule_words(normalize(words), counters)
 
+    def fast_template(self, shape: tuple[str, ...]) -> _Template | None:
+        """The template for a raw shape, or None when the line needs the careful path
+        (getopt normalisation, a `-t` check that fails, or a syntax error)."""
+        try:
+            return _FAST[shape]
+        except KeyError:
+            pass
+        tpl: _Template | None = None
+        words = [Word(t, 0) for t in shape]
+        if normalize(words) is words and not any(
+            len(t) > 1 and t[0] == "-" and ((t[1] != "-" and "t" in t) or
+                                            (t.startswith("--t") and "--table".startswith(t)))
+            for t in shape
+        ):
+            try:
+                tpl = _cached_template(shape)
+            except _ShapeError:
+                tpl = None
+        if len(_FAST) < 4096:
+            _FAST[shape] = tpl
+        return tpl
+
+    def convert(self, e: Exception, cols: Sequence[int]) -> ParseError:
+        if isinstance(e, _ParamError):
+            return self.error(e.message, col=e.col)
+        if isinstance(e, _LineFailed):
+            return self.error(f"line {self.lineno} failed: {e.message}", col=e.col,
+                              exit_code=EXIT_LINE_FAILED)
+        return self.error(str(e), col=cols[0])
+
     def rule_words(self, words: list[Word], counters: tuple[int, int] | None) -> None:
         if not words:
             raise self.error("no command specified", col=1)
@@ -408,15 +452,11 @@ class _Parser:
             self.explain_unloadable(words, e.index)
             w = words[e.index] if e.index < len(words) else words[-1]
             raise self.error(e.message.format(w.text), col=w.col) from None
+        cols = [w.col for w in words]
         try:
-            self.execute(tpl, words, counters)
-        except _ParamError as e:
-            raise self.error(e.message, col=e.col) from None
-        except _LineFailed as e:
-            raise self.error(f"line {self.lineno} failed: {e.message}", col=e.col,
-                             exit_code=EXIT_LINE_FAILED) from None
-        except ValueError_ as e:
-            raise self.error(str(e), col=words[0].col) from None
+            self.execute(tpl, [w.text for w in words], cols, counters)
+        except (_ParamError, _LineFailed, ValueError_) as e:
+            raise self.convert(e, cols) from None
 
     def explain_unloadable(self, words: list[Word], upto: int) -> None:
         """iptables loads `-m`/`-j` extensions before it meets their options: report those."""

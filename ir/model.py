@@ -52,12 +52,14 @@ class Option:
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """A match extension instance (`-m kind ...`)."""
+    """A match extension instance (`-m kind ...`).
+
+    Equal matches are shared between rules (the parser interns them), so a match carries no
+    location of its own: its rule's line and column locate it.
+    """
 
     kind: str
     options: tuple[Option, ...] = ()
-    line: int = 0
-    col: int = 0
 
     def get(self, name: str) -> Option | None:
         """The option called `name`, if present."""

@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from bpfilter import bpf
+from bpfilter.btf import Btf
 from bpfilter.codegen import asm
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.helpers import BpfFunc
@@ -36,9 +39,6 @@ from bpfilter.codegen.uapi import (
     UpdateFlag,
     XdpAction,
 )
-
-from bpfilter import bpf
-from bpfilter.btf import Btf
 
 BLOCKED = "198.18.0.1"
 ALLOWED = "198.18.0.2"

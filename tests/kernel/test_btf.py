@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
-from bpfilter.codegen import uapi
 
 from bpfilter.btf import VMLINUX, ArrayInfo, Btf, BtfError, IntInfo, Kind
+from bpfilter.codegen import uapi
 
 # --- an independent reading of the same BTF: bpftool's raw dump ------------------------------
 

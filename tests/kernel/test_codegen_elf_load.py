@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from bpfilter.codegen import asm
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.elf import ElfProgram, write_elf

@@ -7,10 +7,10 @@ import errno
 import os
 
 import pytest
-from bpfilter.codegen.spec import MapSpec
-from bpfilter.codegen.uapi import MapType
 
 from bpfilter import bpf
+from bpfilter.codegen.spec import MapSpec
+from bpfilter.codegen.uapi import MapType
 
 # (structure, sizeof, {field: byte offset}) as laid out in include/uapi/linux/bpf.h.
 LAYOUTS: list[tuple[type[ctypes.Structure], int, dict[str, int]]] = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+
 from bpfilter.codegen import asm
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.helpers import BpfFunc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from bpfilter.codegen import asm
 from bpfilter.codegen.disasm import disassemble, format_insn, format_lines
 from bpfilter.codegen.helpers import BpfFunc

@@ -10,6 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
+from elftools.elf.relocation import RelocationSection
+from elftools.elf.sections import Section, SymbolTableSection
+
 from bpfilter.codegen import asm
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.elf import (
@@ -26,9 +30,6 @@ from bpfilter.codegen.link import link
 from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import MapFlag, MapType
-from elftools.elf.elffile import ELFFile
-from elftools.elf.relocation import RelocationSection
-from elftools.elf.sections import Section, SymbolTableSection
 
 
 def llvm_objdump() -> str:

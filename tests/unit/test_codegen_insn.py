@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from bpfilter.codegen import asm
 from bpfilter.codegen.insn import FP, R0, R1, R2, R3, R10, Insn, Reg, decode, encode
 from bpfilter.codegen.opcodes import Class, Size
-from hypothesis import given
-from hypothesis import strategies as st
 
 ALU_OPS = ["add", "sub", "mul", "div", "sdiv", "or", "and", "lsh", "rsh", "mod", "smod", "xor",
            "mov", "arsh"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from bpfilter.codegen import asm
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.insn import FP, R0, R1, R2, Insn, decode
 from bpfilter.codegen.link import LinkError, link
 from bpfilter.codegen.opcodes import Size
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def test_forward_and_backward_jumps() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from bpfilter.codegen.opcodes import (
     CLASS_MASK,
     MODE_MASK,
