@@ -59,18 +59,12 @@ class NetfilterOptions:
         return NETFILTER_IP_DEFRAG if self.defrag else 0
 
 
-def _require_netfilter(prog: bpf.Prog | int) -> None:
-    actual = bpf.prog_info(prog).type
-    if actual != ProgType.NETFILTER:
-        name = actual.name if isinstance(actual, ProgType) else str(actual)
-        raise TypeError(f"a netfilter link needs a NETFILTER program, not {name}")
-
 
 def attach_netfilter(
     prog: bpf.Prog | int, options: NetfilterOptions, netns: str | None = None
 ) -> bpf.Link:
     """Create a netfilter link for ``prog`` in ``netns`` (None: the caller's namespace)."""
-    _require_netfilter(prog)  # before any attach syscall
+    bpf.require_prog_type(prog, ProgType.NETFILTER, "a netfilter link")  # before any attach syscall
     with _netns.entered(netns):
         try:
             return bpf.link_create_netfilter(

@@ -87,7 +87,7 @@ class TcNetlinkAttachment:
     def detach(self) -> None:
         """Delete the filter (and the clsact qdisc when it was ours and is now empty)."""
         with _iproute(self.netns) as ipr:
-            with contextlib.suppress(NetlinkError):  # already gone: the goal is reached
+            try:
                 ipr.tc(
                     "del-filter",
                     "bpf",
@@ -96,6 +96,10 @@ class TcNetlinkAttachment:
                     parent=self.direction.clsact_parent,
                     prio=self.priority,
                 )
+            except NetlinkError as e:
+                # ENOENT: the filter, or the whole clsact qdisc, is gone already.
+                if e.code not in (errno.ENOENT, errno.EINVAL):
+                    raise
             if self.created_qdisc and not any(
                 _filters(ipr, self.ifindex, d.clsact_parent) for d in TcDirection
             ):
@@ -111,12 +115,6 @@ class TcNetlinkAttachment:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-
-def _require_sched_cls(prog: bpf.Prog | int) -> None:
-    actual = bpf.prog_info(prog).type
-    if actual != ProgType.SCHED_CLS:
-        name = actual.name if isinstance(actual, ProgType) else str(actual)
-        raise TypeError(f"TC attachment needs a SCHED_CLS program, not {name}")
 
 
 @contextlib.contextmanager
@@ -150,7 +148,7 @@ def attach_tc_netlink(
     netns: str | None = None,
 ) -> TcNetlinkAttachment:
     """clsact qdisc (made if missing) plus a direct-action bpf filter, over netlink."""
-    _require_sched_cls(prog)
+    bpf.require_prog_type(prog, ProgType.SCHED_CLS, "TC attachment")
     index = _resolve(ifindex, netns)
     info = bpf.prog_info(prog)
     fd = prog.fd if isinstance(prog, bpf.Prog) else prog
@@ -193,7 +191,7 @@ def attach_tc(
 ) -> bpf.Link | TcNetlinkAttachment:
     """Attach ``prog`` at ``options.direction`` of interface ``ifindex`` (index or name) in
     ``netns``: a tcx link when the kernel supports it, else (``options.fallback``) clsact."""
-    _require_sched_cls(prog)  # before any attach syscall
+    bpf.require_prog_type(prog, ProgType.SCHED_CLS, "TC attachment")  # before any attach syscall
     index = _resolve(ifindex, netns)
     try:
         with _netns.entered(netns):  # the ifindex is looked up in the thread's namespace

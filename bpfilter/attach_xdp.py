@@ -58,9 +58,19 @@ class XdpNetlinkAttachment:
         return _attached_prog_id(self.ifindex, self.netns, self.mode)
 
     def detach(self) -> None:
-        """Remove the program, but only if it is still ours (IFLA_XDP_EXPECTED_FD)."""
-        with bpf.prog_get_fd_by_id(self.prog_id) as ours, _iproute(self.netns) as ipr:
-            _set_xdp(ipr, self.ifindex, -1, self.mode | XdpFlag.REPLACE, expected_fd=ours.fd)
+        """Remove the program, but only if it is still ours (IFLA_XDP_EXPECTED_FD); a no-op
+        when it is gone already or was replaced."""
+        try:
+            ours = bpf.prog_get_fd_by_id(self.prog_id)
+        except FileNotFoundError:
+            return  # the program was freed, so it is attached nowhere
+        with ours, _iproute(self.netns) as ipr:
+            try:
+                _set_xdp(ipr, self.ifindex, -1, self.mode | XdpFlag.REPLACE, expected_fd=ours.fd)
+            except NetlinkError as e:
+                # EEXIST: the attached program (if any) is not the expected one.
+                if e.code != errno.EEXIST:
+                    raise
 
     def close(self) -> None:
         """Nothing to release: the attachment lives on the interface, not in an fd."""
@@ -71,12 +81,6 @@ class XdpNetlinkAttachment:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-
-def _require_xdp(prog: bpf.Prog | int) -> None:
-    actual = bpf.prog_info(prog).type
-    if actual != ProgType.XDP:
-        name = actual.name if isinstance(actual, ProgType) else str(actual)
-        raise TypeError(f"XDP attachment needs an XDP program, not {name}")
 
 
 @contextlib.contextmanager
@@ -125,7 +129,7 @@ def attach_xdp_netlink(
     netns: str | None = None,
 ) -> XdpNetlinkAttachment:
     """Attach with netlink (what ``ip link set dev X xdp`` does), no BPF link involved."""
-    _require_xdp(prog)
+    bpf.require_prog_type(prog, ProgType.XDP, "XDP attachment")
     index = _resolve(ifindex, netns)
     flags = options.mode if options.replace else options.mode | XdpFlag.UPDATE_IF_NOEXIST
     fd = prog.fd if isinstance(prog, bpf.Prog) else prog
@@ -151,7 +155,7 @@ def attach_xdp(
 ) -> bpf.Link | XdpNetlinkAttachment:
     """Attach ``prog`` to interface ``ifindex`` (index or name) in ``netns``: a BPF link when
     the kernel supports it, else (``options.fallback``) netlink."""
-    _require_xdp(prog)  # before any attach syscall
+    bpf.require_prog_type(prog, ProgType.XDP, "XDP attachment")  # before any attach syscall
     index = _resolve(ifindex, netns)
     try:
         with _netns.entered(netns):  # the ifindex is looked up in the thread's namespace

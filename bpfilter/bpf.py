@@ -509,7 +509,7 @@ class Fd:
         if fd >= 0:
             os.close(fd)
 
-    def detach(self) -> int:
+    def release(self) -> int:
         """Give up ownership: return the fd, which this object will no longer close."""
         fd = self.fd
         self._fd = -1
@@ -1150,6 +1150,15 @@ def _get_info(fd: int, info: _S) -> _S:
 
 def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def require_prog_type(prog: Prog | int, expected: ProgType, what: str) -> ProgInfo:
+    """Refuse, before any attach syscall, a program whose type is not ``expected``."""
+    info = prog_info(prog)
+    if info.type != expected:
+        actual = info.type.name if isinstance(info.type, ProgType) else str(info.type)
+        raise TypeError(f"{what} needs a program of type {expected.name}, not {actual}")
+    return info
 
 
 def prog_info(fd: Prog | int) -> ProgInfo:

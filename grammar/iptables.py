@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from bpfilter.codegen.uapi import NfHook
 from bpfilter.grammar.errors import EXIT_LINE_FAILED, EXIT_PARAMETER, ParseError
@@ -32,8 +37,6 @@ from bpfilter.ir.model import (
 )
 from bpfilter.ir.targets import TARGETS, UNSUPPORTED_TARGETS, VERDICTS
 from bpfilter.ir.values import ValueError_, parse_prefix, parse_proto
-from lark import Lark, Token, Tree
-from lark.exceptions import UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 # Built-in chains of each table, in the order iptables-save prints them.
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
@@ -219,9 +222,11 @@ def normalize(words: list[Word]) -> list[Word]:
 class _ExtInst:
     ext: Extension
     opts: dict[str, Option]
-    col: int
+    col: int  # word index of the -m/-j value (or of the first option, if implicit)
     is_target: bool = False
     implicit: bool = False
+    # (option, negated, argument texts, option word index, first argument word index)
+    raw: list[tuple[str, bool, tuple[str, ...], int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -260,6 +265,34 @@ class _ParamError(Exception):
 
 
 _VERDICT_TARGETS = {n: Target(TargetKind.VERDICT, n) for n in VERDICTS}
+_CORE_ONCE = frozenset({"-s", "-d", "-i", "-o", "-p", "-f", "-j", "-g", "-c"})
+# Raw shape -> template, or None for lines that need the careful path.
+_FAST: dict[tuple[str, ...], _Template | None] = {}
+# (extension, raw options, context) -> the finished Match or Target, shared between rules.
+_EXT_CACHE: dict[tuple[object, ...], Match | Target] = {}
+_BLANK_WORD = re.compile(r"[^ \t\n]+")
+_PLAIN = re.compile(r"[\x20-\x7e\t]*").fullmatch
+
+
+class _LazyCols(Sequence[int]):
+    """Word columns of a fast-path line, computed only when an error needs one."""
+
+    def __init__(self, body: str, offset: int) -> None:
+        self.body = body
+        self.offset = offset
+        self.cols: list[int] | None = None
+        self.first = offset + 1 + len(body) - len(body.lstrip(" \t"))
+
+    def _get(self) -> list[int]:
+        if self.cols is None:
+            self.cols = [w.col for w in split_words(self.body, self.offset)]
+        return self.cols
+
+    def __getitem__(self, i: int) -> int:  # type: ignore[override]
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 class _Parser:
@@ -321,7 +354,8 @@ class _Parser:
 
     def chain_line(self, line: str) -> None:
         assert self.cur is not None
-        words = split_words(line[1:], 1)
+        # iptables-restore splits chain lines on blanks only (no quoting).
+        words = [Word(m.group(), m.start() + 2) for m in _BLANK_WORD.finditer(line[1:])]
         if not words:
             raise self.error(f"Bad line {self.lineno}: need chain name", col=1)
         name = words[0].text
@@ -467,34 +501,36 @@ class _Parser:
                 if opt == "-m":
                     self.load_match(arg.text, arg.col)
                 elif opt == "-j" and arg.text not in self.cur.chains:
-                    self.load_target(arg.text, False, arg.col)
+                    self.load_target(arg.text, False, [arg.col], 0)
             except _ParamError as e:
                 raise self.error(e.message, col=e.col) from None
 
     # -- commands --
-    def execute(self, tpl: _Template, words: list[Word], counters: tuple[int, int] | None
-                ) -> None:
+    def execute(self, tpl: _Template, texts: list[str], cols: Sequence[int],
+                counters: tuple[int, int] | None) -> None:
         assert self.cur is not None
         for it in tpl.items:
             if it.opt == self.skip_flag:
                 return  # a line for the other family: iptables-restore skips it
         cmd = tpl.command
-        args = [words[i] for i in tpl.cmd_args]
         chains = self.cur.chains
         if cmd in RULE_COMMANDS:
-            chain_w = args[0]
-            rules = self.build_rules(tpl, words, chain_w.text, counters)
+            ci = tpl.cmd_args[0]
+            chain_name = texts[ci]
+            rules = self.build_rules(tpl, texts, cols, chain_name, counters)
+            c = chains.get(chain_name)
+            if cmd == "-A" and c is not None:
+                c.rules.extend(rules)
+                return
+            args = [Word(texts[i], cols[i]) for i in tpl.cmd_args]
             if cmd == "-D" and len(args) > 1:
                 if tpl.items:
                     raise _ParamError("Illegal option with a rule number", args[1].col)
-                self.delete_num(chain_w, args[1])
+                self.delete_num(args[0], args[1])
                 return
-            c = chains.get(chain_w.text)
             if c is None:
-                raise _LineFailed(f"chain `{chain_w.text}' does not exist", chain_w.col)
-            if cmd == "-A":
-                c.rules.extend(rules)
-            elif cmd == "-I":
+                raise _LineFailed(f"chain `{chain_name}' does not exist", cols[ci])
+            if cmd == "-I":
                 pos = _rulenum(args[1]) - 1 if len(args) > 1 else 0
                 if pos > len(c.rules):
                     raise _LineFailed("index of insertion too big", args[1].col)
@@ -513,12 +549,19 @@ class _Parser:
                                 del c.rules[i]
                             break
                     else:
-                        raise _LineFailed("rule does not exist in that chain", chain_w.col)
+                        raise _LineFailed("rule does not exist in that chain", cols[ci])
             return
+        args = [Word(texts[i], cols[i]) for i in tpl.cmd_args]
         for it in tpl.items:
             if it.opt not in ("-4", "-6", "-v", "-n", "-x", "--line-numbers"):
                 raise _ParamError(f"Illegal option `{it.opt}' with this command",
-                                  words[it.index].col)
+                                  cols[it.index])
+        self.chain_command(cmd, args)
+
+    def chain_command(self, cmd: str, args: list[Word]) -> None:
+        """-N -X -F -E -P -Z -L -S."""
+        assert self.cur is not None
+        chains = self.cur.chains
         if cmd == "-N":
             name = args[0].text
             if len(name) > CHAIN_NAME_MAX:
@@ -587,7 +630,7 @@ class _Parser:
             raise _LineFailed("index of deletion too big", num_w.col)
         del c.rules[pos]
 
-    def build_rules(self, tpl: _Template, words: list[Word], chain: str,
+    def build_rules(self, tpl: _Template, texts: list[str], cols: Sequence[int], chain: str,
                     counters: tuple[int, int] | None) -> list[Rule]:
         """The rules of one -A/-I/-D/-R/-C line (more than one when -s/-d list addresses)."""
         assert self.cur is not None
@@ -605,17 +648,19 @@ class _Parser:
         table = self.cur.name
         for it in tpl.items:
             opt = it.opt
-            col = words[it.index].col
-            vals = [words[i].text for i in it.args]
-            if opt in ("-s", "-d", "-i", "-o", "-p", "-f", "-j", "-g", "-c"):
+            if opt in _CORE_ONCE:
                 if opt in seen:
-                    raise _ParamError(f"multiple {opt} flags not allowed", col)
+                    raise _ParamError(f"multiple {opt} flags not allowed", cols[it.index])
                 seen.add(opt)
             if opt == "-s" or opt == "-d":
+                value = texts[it.args[0]]
                 try:
-                    prefixes = [parse_prefix(a, bits) for a in vals[0].split(",")]
+                    if "," in value:
+                        prefixes = [parse_prefix(a, bits) for a in value.split(",")]
+                    else:
+                        prefixes = [parse_prefix(value, bits)]
                 except ValueError_ as e:
-                    raise _ParamError(str(e), words[it.args[0]].col) from None
+                    raise _ParamError(str(e), cols[it.args[0]]) from None
                 if opt == "-s":
                     srcs = prefixes
                     f["src_neg"] = it.neg
@@ -624,87 +669,99 @@ class _Parser:
                     f["dst_neg"] = it.neg
                 if it.neg and len(prefixes) > 1:
                     raise _ParamError("! not allowed with multiple source or destination IP "
-                                      "addresses", col)
+                                      "addresses", cols[it.index])
             elif opt == "-i" or opt == "-o":
-                name = vals[0]
+                name = texts[it.args[0]]
                 if len(name) > IFNAME_MAX:
                     raise _ParamError(f"interface name `{name}' must be shorter than IFNAMSIZ "
-                                      f"({IFNAME_MAX + 1})", words[it.args[0]].col)
+                                      f"({IFNAME_MAX + 1})", cols[it.args[0]])
                 key = "iif" if opt == "-i" else "oif"
                 if name == "+" and not it.neg:
                     continue  # matches every interface: iptables drops it
                 f[key] = name
                 f[key + "_neg"] = it.neg
                 if opt == "-o" and chain in ("INPUT", "PREROUTING"):
-                    raise _ParamError(f"Can't use -o with {chain}", col)
+                    raise _ParamError(f"Can't use -o with {chain}", cols[it.index])
                 if opt == "-i" and chain in ("OUTPUT", "POSTROUTING"):
-                    raise _ParamError(f"Can't use -i with {chain}", col)
+                    raise _ParamError(f"Can't use -i with {chain}", cols[it.index])
             elif opt == "-p":
                 try:
-                    proto = parse_proto(vals[0])
+                    proto = parse_proto(texts[it.args[0]])
                 except ValueError_ as e:
-                    raise _ParamError(str(e), words[it.args[0]].col) from None
+                    raise _ParamError(str(e), cols[it.args[0]]) from None
                 proto_neg = it.neg
                 if proto == 0 and it.neg:
-                    raise _ParamError("rule would never match protocol", col)
+                    raise _ParamError("rule would never match protocol", cols[it.index])
             elif opt == "-f":
                 if bits != 32:
-                    raise _ParamError("unknown option \"-f\"", col)
+                    raise _ParamError("unknown option \"-f\"", cols[it.index])
                 f["fragment"] = not it.neg
             elif opt == "-c":
+                vals = [texts[i] for i in it.args]
                 if len(vals) == 1:
                     p_s, comma, b_s = vals[0].partition(",")
                     if not comma:
-                        raise _ParamError("-c requires packet and byte counter", col)
+                        raise _ParamError("-c requires packet and byte counter", cols[it.index])
                 else:
                     p_s, b_s = vals
                 if not (p_s.isdigit() and b_s.isdigit()):
-                    raise _ParamError("-c packet and byte counters must be numbers", col)
+                    raise _ParamError("-c packet and byte counters must be numbers",
+                                      cols[it.index])
                 counters = (int(p_s), int(b_s))
             elif opt == "-m":
                 if it.neg:
-                    raise _ParamError("unexpected ! flag before --match", col)
-                exts.append(self.load_match(vals[0], words[it.args[0]].col))
+                    raise _ParamError("unexpected ! flag before --match", cols[it.index])
+                exts.append(self.load_match(texts[it.args[0]], it.args[0]))
             elif opt == "-j" or opt == "-g":
                 if it.neg:
-                    raise _ParamError(f"cannot have ! before {opt}", col)
-                target, target_inst = self.load_target(vals[0], opt == "-g",
-                                                       words[it.args[0]].col)
+                    raise _ParamError(f"cannot have ! before {opt}", cols[it.index])
+                target, target_inst = self.load_target(texts[it.args[0]], opt == "-g",
+                                                       cols, it.args[0])
                 if target_inst is not None:
                     exts.append(target_inst)
             elif opt in ("-4", "-6", "-v", "-n", "-x", "--line-numbers"):
                 if opt in ("-v", "-n", "-x", "--line-numbers"):
-                    raise _ParamError(f"Illegal option `{opt}' with this command", col)
+                    raise _ParamError(f"Illegal option `{opt}' with this command", cols[it.index])
             else:
-                ctx = Ctx(bits, proto, proto_neg, table, chain)
                 inst = _find_owner(exts, opt)
                 if inst is None and proto is not None and not proto_neg and not implicit_loaded:
                     pname = PROTO_MATCH.get(proto)
                     ext = MATCHES.get(pname) if pname else None
                     if ext is not None and self.family in ext.families and opt in ext.options:
                         implicit_loaded = True
-                        inst = _ExtInst(ext, {}, col, implicit=True)
+                        inst = _ExtInst(ext, {}, it.index, implicit=True)
                         exts.append(inst)
                 if inst is None:
-                    raise _ParamError(f"unknown option \"{opt}\"", col)
-                _apply_option(inst, opt, it.neg, tuple(vals), ctx, col)
-        ctx = Ctx(bits, proto, proto_neg, table, chain)
+                    raise _ParamError(f"unknown option \"{opt}\"", cols[it.index])
+                inst.raw.append((opt, it.neg, tuple([texts[i] for i in it.args]), it.index,
+                                 it.args[0] if it.args else it.index))
+        ctx_key = (proto, proto_neg, table, chain, bits)
         matches = []
         for inst in exts:
-            try:
-                opts = inst.ext.finalize(dict(inst.opts), ctx)
-            except ValueError_ as e:
-                raise _ParamError(str(e), inst.col) from None
+            ext_key = (inst.ext.name, tuple([r[:3] for r in inst.raw]), ctx_key)
+            obj = _EXT_CACHE.get(ext_key)
+            if obj is None:
+                obj = self.finish(inst, Ctx(bits, proto, proto_neg, table, chain), target, cols)
+                if len(_EXT_CACHE) < 65536:
+                    _EXT_CACHE[ext_key] = obj
             if inst.is_target:
-                assert target is not None
-                target = Target(target.kind, target.name, tuple(opts.values()))
+                assert isinstance(obj, Target)
+                target = obj
             else:
-                matches.append(Match(inst.ext.name, tuple(opts.values()), self.lineno, inst.col))
+                assert isinstance(obj, Match)
+                matches.append(obj)
+        col = cols.first if isinstance(cols, _LazyCols) else cols[0]
+        if (srcs is None or len(srcs) == 1) and (dsts is None or len(dsts) == 1):
+            if srcs is not None:
+                f["src"] = _drop_any(srcs[0], f["src_neg"])
+            if dsts is not None:
+                f["dst"] = _drop_any(dsts[0], f["dst_neg"])
+            return [Rule(proto=proto if proto else None, proto_neg=proto_neg if proto else False,
+                         matches=tuple(matches), target=target, counters=counters,
+                         line=self.lineno, col=col, **f)]
         base = Rule(proto=proto if proto else None, proto_neg=proto_neg if proto else False,
                     matches=tuple(matches), target=target, counters=counters,
-                    line=self.lineno, col=words[0].col, **f)
-        if srcs is None and dsts is None:
-            return [base]
+                    line=self.lineno, col=col, **f)
         out = []
         for s in srcs or [None]:
             for d in dsts or [None]:
@@ -712,29 +769,47 @@ class _Parser:
                                    dst=_drop_any(d, f.get("dst_neg"))))
         return out
 
-    def load_match(self, name: str, col: int) -> _ExtInst:
+    def finish(self, inst: _ExtInst, ctx: Ctx, target: Target | None, cols: Sequence[int]
+               ) -> Match | Target:
+        """Parse and check one extension's options (the result is cached by raw text)."""
+        for opt, neg, vals, index, arg_index in inst.raw:
+            _apply_option(inst, opt, neg, vals, ctx, cols, index, arg_index)
+        try:
+            opts = inst.ext.finalize(dict(inst.opts), ctx)
+        except ValueError_ as e:
+            raise _ParamError(str(e), cols[inst.col]) from None
+        if inst.is_target:
+            assert target is not None
+            return Target(target.kind, target.name, tuple(opts.values()))
+        return Match(inst.ext.name, tuple(opts.values()))
+
+    def load_match(self, name: str, index: int, cols: Sequence[int] | None = None
+                   ) -> _ExtInst:
         ext = MATCHES.get(MATCH_ALIASES.get(name, name))
         if ext is None or self.family not in ext.families:
+            col = cols[index] if cols is not None else index
             if name in UNSUPPORTED_MATCHES:
                 raise _ParamError(f"match '{name}' is not supported", col)
             raise _ParamError(f"Couldn't load match `{name}':No such file or directory", col)
-        return _ExtInst(ext, {}, col)
+        return _ExtInst(ext, {}, index)
 
-    def load_target(self, name: str, goto: bool, col: int) -> tuple[Target, _ExtInst | None]:
+    def load_target(self, name: str, goto: bool, cols: Sequence[int], index: int
+                    ) -> tuple[Target, _ExtInst | None]:
         assert self.cur is not None
         chain = self.cur.chains.get(name)
         if chain is not None and not chain.builtin:
             return Target(TargetKind.GOTO if goto else TargetKind.JUMP, name), None
         if goto:
-            raise _ParamError(f"goto '{name}' is not a chain", col)
+            raise _ParamError(f"goto '{name}' is not a chain", cols[index])
         if name in _VERDICT_TARGETS:
             return _VERDICT_TARGETS[name], None
         ext = TARGETS.get(name)
         if ext is None or self.family not in ext.families:
             if name in UNSUPPORTED_TARGETS:
-                raise _ParamError(f"target '{name}' is not supported", col)
-            raise _ParamError(f"Couldn't load target `{name}':No such file or directory", col)
-        return Target(TargetKind.EXTENSION, name), _ExtInst(ext, {}, col, is_target=True)
+                raise _ParamError(f"target '{name}' is not supported", cols[index])
+            raise _ParamError(f"Couldn't load target `{name}':No such file or directory",
+                              cols[index])
+        return Target(TargetKind.EXTENSION, name), _ExtInst(ext, {}, index, is_target=True)
 
 
 def _find_owner(exts: list[_ExtInst], opt: str) -> _ExtInst | None:
@@ -746,21 +821,21 @@ def _find_owner(exts: list[_ExtInst], opt: str) -> _ExtInst | None:
 
 
 def _apply_option(inst: _ExtInst, opt: str, neg: bool, vals: tuple[str, ...], ctx: Ctx,
-                  col: int) -> None:
+                  cols: Sequence[int], index: int, arg_index: int) -> None:
     spec = inst.ext.options[opt]
     if neg and not spec.invert:
-        raise _ParamError(f"option \"{opt}\" cannot be inverted", col)
+        raise _ParamError(f"option \"{opt}\" cannot be inverted", cols[index])
     before = inst.ext.after.get(opt)
     if before is not None and before not in inst.opts:
-        raise _ParamError(f"option \"{opt}\" must come after \"{before}\"", col)
+        raise _ParamError(f"option \"{opt}\" must come after \"{before}\"", cols[index])
     if opt in inst.opts and opt not in inst.ext.repeatable:
-        raise _ParamError(f"option \"{opt}\" can only be used once", col)
+        raise _ParamError(f"option \"{opt}\" can only be used once", cols[index])
     value: object = True
     if spec.parse is not None:
         try:
             value = spec.parse(vals, ctx)
         except ValueError_ as e:
-            raise _ParamError(str(e), col) from None
+            raise _ParamError(str(e), cols[arg_index]) from None
     inst.opts[opt] = Option(opt, value, neg)
 
 

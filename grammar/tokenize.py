@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -22,6 +23,10 @@ class TokenizeError(Exception):
 
 
 _BLANKS = " \t\n"
+# A word is a run of plain characters, optionally ended by a double-quoted part (the
+# closing quote ends the word); backslash escapes the next character inside quotes.
+_WORD = re.compile(r'([^ \t\n"]*)"((?:[^"\\]|\\.)*)"|([^ \t\n"]+)', re.S)
+_ESCAPE = re.compile(r"\\(.)", re.S)
 
 
 def split_words(line: str, offset: int = 0) -> list[Word]:
@@ -45,45 +50,14 @@ def split_words(line: str, offset: int = 0) -> list[Word]:
             out.append(Word(line[start:pos], start + 1 + offset))
         return out
     words: list[Word] = []
-    buf: list[str] = []
-    start = -1
-    quoted = False
-    in_quote = False
-    escaped = False
-    for i, ch in enumerate(line):
-        if in_quote:
-            if escaped:
-                buf.append(ch)
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_quote = False
-                words.append(Word("".join(buf), start + 1 + offset, True))
-                buf = []
-                start = -1
-                quoted = False
-            else:
-                buf.append(ch)
-            continue
-        if ch == '"':
-            in_quote = True
-            quoted = True
-            if start < 0:
-                start = i
-            continue
-        if ch in _BLANKS:
-            if buf or (start >= 0 and quoted):
-                words.append(Word("".join(buf), start + 1 + offset, quoted))
-            buf = []
-            start = -1
-            quoted = False
-            continue
-        if start < 0:
-            start = i
-        buf.append(ch)
-    if in_quote:
-        raise TokenizeError("unterminated quoted string", start + 1 + offset)
-    if buf:
-        words.append(Word("".join(buf), start + 1 + offset, quoted))
+    for m in _WORD.finditer(line):
+        head, body, plain = m.group(1, 2, 3)
+        if plain is not None:
+            words.append(Word(plain, m.start() + 1 + offset))
+        else:
+            text = head + _ESCAPE.sub(r"\1", body)
+            words.append(Word(text, m.start() + 1 + offset, True))
+    rest = _WORD.sub("", line)
+    if '"' in rest:
+        raise TokenizeError("unterminated quoted string", line.rfind('"') + 1 + offset)
     return words

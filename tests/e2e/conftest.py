@@ -7,6 +7,9 @@ import socket
 from collections.abc import Callable, Iterator
 
 import pytest
+
+from bpfilter import bpf, testbed
+from bpfilter.btf import Btf
 from bpfilter.codegen import asm
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.insn import FP, R0, R1, R2, R3, R4, R5, R6, Insn, Reg
@@ -14,9 +17,6 @@ from bpfilter.codegen.link import link
 from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import ProgramSpec
 from bpfilter.codegen.uapi import AttachType, NfVerdict, ProgType, TcAction, XdpAction
-
-from bpfilter import bpf, testbed
-from bpfilter.btf import Btf
 
 ETH_HLEN = 14
 ETH_P_IP = 0x0800

@@ -6,6 +6,11 @@ import os
 import socket
 
 import pytest
+
+from bpfilter import bpf, bpffs, testbed
+from bpfilter.attach_netfilter import NetfilterOptions, attach_netfilter
+from bpfilter.attach_tc import TcDirection, TcOptions, attach_tc, attach_tc_netlink
+from bpfilter.attach_xdp import XdpOptions, attach_xdp, attach_xdp_netlink
 from bpfilter.codegen.uapi import (
     NfHook,
     NfPriority,
@@ -15,11 +20,6 @@ from bpfilter.codegen.uapi import (
     TcAction,
     XdpAction,
 )
-
-from bpfilter import bpf, bpffs, testbed
-from bpfilter.attach_netfilter import NetfilterOptions, attach_netfilter
-from bpfilter.attach_tc import TcDirection, TcOptions, attach_tc, attach_tc_netlink
-from bpfilter.attach_xdp import XdpOptions, attach_xdp, attach_xdp_netlink
 
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 KINDS = ("netfilter", "xdp", "tc")
@@ -108,6 +108,27 @@ def test_source_address_program_drops_only_that_source(kind, family, netns_pair,
                                        source=banned)
         assert testbed.udp_reaches(pair.a, pair.b, dest, source=other)
     assert reaches(pair, family, source=banned)
+
+
+@pytest.mark.parametrize(
+    ("hook", "side"),
+    [
+        (NfHook.PRE_ROUTING, "b"),
+        (NfHook.LOCAL_IN, "b"),
+        (NfHook.LOCAL_OUT, "a"),
+        (NfHook.POST_ROUTING, "a"),
+    ],
+    ids=lambda v: v.name if isinstance(v, NfHook) else v,
+)
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES.keys())
+def test_netfilter_drop_at_each_hook_on_the_path(hook, side, family, netns_pair, programs, load):
+    # FORWARD is not on the path between two directly connected namespaces.
+    pf = NfProto.IPV4 if family == socket.AF_INET else NfProto.IPV6
+    prog = load(programs.const(ProgType.NETFILTER, NfVerdict.DROP, "drop"))
+    ns = netns_pair.a if side == "a" else netns_pair.b
+    with attach_netfilter(prog, NetfilterOptions(pf, hook, NfPriority.FILTER), netns=ns):
+        assert blocked(netns_pair, family)
+    assert reaches(netns_pair, family)
 
 
 @pytest.mark.parametrize("kind", KINDS)

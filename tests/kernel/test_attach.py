@@ -7,6 +7,11 @@ import json
 from collections.abc import Iterator
 
 import pytest
+
+from bpfilter import attach_netfilter, attach_tc, attach_xdp, bpf, testbed
+from bpfilter.attach_netfilter import NetfilterOptions
+from bpfilter.attach_tc import TcDirection, TcNetlinkAttachment, TcOptions
+from bpfilter.attach_xdp import XdpMode, XdpNetlinkAttachment, XdpOptions
 from bpfilter.codegen import asm
 from bpfilter.codegen.insn import R0
 from bpfilter.codegen.link import link
@@ -20,11 +25,6 @@ from bpfilter.codegen.uapi import (
     NfProto,
     ProgType,
 )
-
-from bpfilter import attach_netfilter, attach_tc, attach_xdp, bpf, testbed
-from bpfilter.attach_netfilter import NetfilterOptions
-from bpfilter.attach_tc import TcDirection, TcNetlinkAttachment, TcOptions
-from bpfilter.attach_xdp import XdpMode, XdpNetlinkAttachment, XdpOptions
 
 ATTACH_TYPE = {ProgType.NETFILTER: AttachType.NETFILTER, ProgType.XDP: AttachType.XDP}
 
@@ -88,15 +88,15 @@ def test_netfilter_options_family_and_hook():
 def test_wrong_program_type_refused_before_syscall(pair, progs, monkeypatch):
     _forbid(monkeypatch, "link_create_netfilter", "link_create_xdp", "link_create_tcx")
     nf = NetfilterOptions(NfProto.IPV4, NfHook.LOCAL_IN, 0)
-    with pytest.raises(TypeError, match="needs a NETFILTER program, not XDP"):
+    with pytest.raises(TypeError, match="needs a program of type NETFILTER, not XDP"):
         attach_netfilter.attach_netfilter(progs[ProgType.XDP], nf, pair.b)
-    with pytest.raises(TypeError, match="needs an XDP program, not SCHED_CLS"):
+    with pytest.raises(TypeError, match="needs a program of type XDP, not SCHED_CLS"):
         attach_xdp.attach_xdp(progs[ProgType.SCHED_CLS], pair.if_b, netns=pair.b)
-    with pytest.raises(TypeError, match="needs an XDP program, not NETFILTER"):
+    with pytest.raises(TypeError, match="needs a program of type XDP, not NETFILTER"):
         attach_xdp.attach_xdp_netlink(progs[ProgType.NETFILTER], pair.if_b, netns=pair.b)
-    with pytest.raises(TypeError, match="needs a SCHED_CLS program, not XDP"):
+    with pytest.raises(TypeError, match="needs a program of type SCHED_CLS, not XDP"):
         attach_tc.attach_tc(progs[ProgType.XDP], pair.if_b, netns=pair.b)
-    with pytest.raises(TypeError, match="needs a SCHED_CLS program, not NETFILTER"):
+    with pytest.raises(TypeError, match="needs a program of type SCHED_CLS, not NETFILTER"):
         attach_tc.attach_tc_netlink(progs[ProgType.NETFILTER], pair.if_b, netns=pair.b)
     # Nothing was attached: no clsact qdisc, no XDP program.
     shown = pair.run(pair.b, ["ip", "-d", "link", "show", pair.if_b]).stdout
@@ -213,6 +213,19 @@ def test_xdp_netlink_refuses_to_replace_unless_asked(pair, progs):
     finally:
         first.detach()
     assert first.attached_prog_id() == 0
+    first.detach()  # idempotent: nothing of ours is attached any more
+
+
+def test_xdp_netlink_detach_leaves_a_foreign_program(pair, progs):
+    ours = progs[ProgType.XDP]
+    handle = attach_xdp.attach_xdp_netlink(ours, pair.ifindex_b, netns=pair.b)
+    code = link([asm.mov64(R0, 2), asm.exit_()]).code
+    with bpf.prog_load(ProgramSpec("bpft_other", ProgType.XDP, code)) as other:
+        attach_xdp.attach_xdp_netlink(other, pair.ifindex_b, XdpOptions(replace=True), pair.b)
+        handle.detach()  # ours was replaced: it must not remove the other program
+        assert handle.attached_prog_id() == other.id
+        attach_xdp.XdpNetlinkAttachment(pair.ifindex_b, pair.b, other.id, XdpMode.AUTO).detach()
+    assert handle.attached_prog_id() == 0
 
 
 # --- TC --------------------------------------------------------------------------------------
@@ -249,6 +262,7 @@ def test_tc_falls_back_to_clsact_when_links_unsupported(pair, progs, monkeypatch
         assert "pref 3 bpf" in shown and "handle 0x7" in shown and "direct-action" in shown
     assert not handle.attached()
     assert "clsact" not in pair.run(pair.b, ["tc", "qdisc", "show"]).stdout
+    handle.detach()  # idempotent, also with the qdisc gone
 
 
 def test_tc_clsact_kept_when_it_was_there_before(pair, progs):

@@ -255,7 +255,7 @@ def test_fd_close_detach_and_gc() -> None:
         _ = prog.fd
 
     with load("t_fd", ProgType.XDP, returns(2)) as prog2:
-        raw = prog2.detach()
+        raw = prog2.release()
     assert fd_is_open(raw)
     wrapped = bpf.prog_from_fd(raw)
     assert wrapped.info().name == "t_fd"

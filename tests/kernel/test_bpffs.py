@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bpfilter.codegen.spec import MapSpec
-from bpfilter.codegen.uapi import MapType
 
 from bpfilter import bpf, bpffs, testbed
+from bpfilter.codegen.spec import MapSpec
+from bpfilter.codegen.uapi import MapType
 
 MOUNTINFO = (
     "22 27 0:21 / /proc rw,relatime - proc proc rw\n"

@@ -137,7 +137,7 @@ def test_fd_ownership() -> None:
     r, w = os.pipe()
     os.close(w)
     owner = bpf.Fd(r)
-    assert owner.detach() == r
+    assert owner.release() == r
     del owner
     os.fstat(r)  # still open: detach gave up ownership
     os.close(r)

@@ -190,7 +190,9 @@ def check_input(text: str, family: int) -> object | None:
     from bpfilter.ir.iptables_save import to_iptables_save
 
     _warm()
-    last_line = text.count("\n") + 1  # "COMMIT expected" names the line after the last one
+    # Lines as fgets() reads them; "COMMIT expected at line N" names the one after the last.
+    lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
+    last_line = lines + 1
     tracemalloc.start()
     try:
         with hard_deadline(HANG_SECONDS):

@@ -1,0 +1,109 @@
+"""Upstream iptables extension tests (`*.t`): OK lines print as expected, FAIL lines are refused."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from bpfilter.grammar.errors import ParseError
+from bpfilter.grammar.iptables import parse_command
+from bpfilter.ir.iptables_save import format_rule
+from bpfilter.ir.matches import MATCHES
+from bpfilter.ir.targets import TARGETS
+
+# Files about the core options rather than one extension.
+CORE_FILES = {"iptables", "libipt_standard"}
+
+
+def _extension(path: Path) -> tuple[str, int]:
+    stem = path.stem
+    for prefix, family in (("libipt_", 4), ("libip6t_", 6), ("libxt_", 4)):
+        if stem.startswith(prefix):
+            return stem[len(prefix):], family
+    return stem, 4
+
+
+def supported(path: Path) -> bool:
+    name, _ = _extension(path)
+    return path.stem in CORE_FILES or name in MATCHES or name in TARGETS
+
+
+def cases(shared: Path) -> list[tuple[str, str, int, str, str, str, str]]:
+    """(file, table, family, chain, rule, expected, result) for every supported test line."""
+    out = []
+    folder = shared / "conformance" / "iptables" / "extensions"
+    for path in sorted(folder.glob("*.t")):
+        if not supported(path):
+            continue
+        _, family = _extension(path)
+        chains, table = ["INPUT"], "filter"
+        for line in path.read_text().splitlines():
+            if not line or line[0] in "#@%":
+                continue
+            if line[0] == ":":
+                chains = line[1:].split(",")
+                continue
+            if line[0] == "*":
+                table = line[1:]
+                continue
+            parts = line.split(";")
+            if len(parts) < 3 or parts[2] not in ("OK", "FAIL"):
+                continue
+            for chain in chains:
+                out.append((path.name, table, family, chain, parts[0], parts[1], parts[2]))
+    return out
+
+
+def run_case(table: str, family: int, chain: str, rule: str) -> list[str]:
+    rs = parse_command(["-A", chain, *shlex.split(rule)], family=family, table=table)
+    t = rs.tables[0]
+    c = t.chain(chain)
+    assert c is not None
+    return [format_rule(r, chain, bits=32 if family == 4 else 128, table=table) for r in c.rules]
+
+
+def test_every_ok_line_prints_as_upstream_expects(shared_dir: Path) -> None:
+    failures = []
+    total = 0
+    for file, table, family, chain, rule, expected, result in cases(shared_dir):
+        if result != "OK":
+            continue
+        total += 1
+        want = f"-A {chain} {rule if expected == '=' else expected}".strip()
+        try:
+            got = run_case(table, family, chain, rule)
+        except ParseError as e:
+            failures.append(f"{file}: {rule!r}: refused: {e}")
+            continue
+        if got != [want]:
+            failures.append(f"{file}: {rule!r}: got {got}, want {want!r}")
+    assert total > 500
+    assert not failures, "\n".join(failures)
+
+
+def test_every_fail_line_is_refused(shared_dir: Path) -> None:
+    accepted = []
+    total = 0
+    for file, table, family, chain, rule, _, result in cases(shared_dir):
+        if result != "FAIL":
+            continue
+        total += 1
+        try:
+            got = run_case(table, family, chain, rule)
+        except ParseError:
+            continue
+        accepted.append(f"{file}: {rule!r} in {chain} accepted as {got}")
+    assert total > 200
+    assert not accepted, "\n".join(accepted)
+
+
+@pytest.mark.parametrize("name", ["libxt_string.t", "libxt_cgroup.t", "libxt_NFQUEUE.t"])
+def test_unsupported_extensions_are_refused_by_name(shared_dir: Path, name: str) -> None:
+    path = shared_dir / "conformance" / "iptables" / "extensions" / name
+    assert not supported(path)
+    ext, _ = _extension(path)
+    flag = "-j" if ext.isupper() else "-m"
+    with pytest.raises(ParseError, match=f"'{ext}' is not supported"):
+        parse_command(["-A", "INPUT", flag, ext])
