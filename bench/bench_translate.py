@@ -5,8 +5,9 @@ Usage: .venv/bin/python bench/bench_translate.py [--rules N] [--runs N] [--no-re
 Generates, in a temporary directory, a blocklist file (`-A INPUT -s ADDR/32 -j DROP`) and a
 mixed-match file (tcp/udp ports and ranges, multiport, interfaces, conntrack, comments), runs
 `bpfilter translate` on each several times, and for reference `iptables-legacy-restore --test`
-on the same file in a throwaway network namespace (root only). Peak RSS comes from wait4() on
-each child. Writes bench/results/translate.json and prints a table.
+on the same file in a throwaway network namespace (root only), where it also checks that the
+translation equals iptables-legacy-save after a real restore. Peak RSS is /usr/bin/time's %M.
+Writes bench/results/translate.json and prints a table.
 """
 
 from __future__ import annotations
@@ -123,6 +124,41 @@ def series(argv: list[str], runs: int) -> dict[str, Any]:
     }
 
 
+def tables(save_text: str) -> dict[str, str]:
+    """iptables-save text per table, `#` lines dropped."""
+    out: dict[str, str] = {}
+    name = None
+    for line in save_text.splitlines():
+        if line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            name = line[1:]
+            out[name] = ""
+        if name is not None:
+            out[name] += line + "\n"
+    return out
+
+
+def same_output(ns: str, path: Path) -> bool | str:
+    """Whether translate prints what iptables-legacy-save prints after a real restore.
+
+    A fast but wrong translation is no result; this commits the file in the benchmark's own
+    namespace and compares per table.
+    """
+    mine = subprocess.run([*bpfilter_argv(), "translate", str(path)], capture_output=True,
+                          text=True, check=False)
+    if mine.returncode != 0:
+        return f"translate failed: {mine.stderr.strip()[-200:]}"
+    load = subprocess.run(["ip", "netns", "exec", ns, "iptables-legacy-restore", str(path)],
+                          capture_output=True, text=True, check=False)
+    if load.returncode != 0:
+        return f"iptables-legacy-restore failed: {load.stderr.strip()[-200:]}"
+    saved = subprocess.run(["ip", "netns", "exec", ns, "iptables-legacy-save"],
+                           capture_output=True, text=True, check=True)
+    theirs = tables(saved.stdout)
+    return all(theirs.get(name) == text for name, text in tables(mine.stdout).items())
+
+
 def bpfilter_argv() -> list[str]:
     script = Path(sys.executable).parent / "bpfilter"
     return [str(script)] if script.exists() else [sys.executable, "-m", "bpfilter"]
@@ -193,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     entry["iptables_legacy_restore_test"] = series(
                         ["ip", "netns", "exec", ns, "iptables-legacy-restore", "--test",
                          str(path)], args.runs)
+                    entry["output_matches_iptables_save"] = same_output(ns, path)
                 else:
                     entry["iptables_legacy_restore_test"] = {"skipped": why_not}
                 variants[name] = entry
@@ -216,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<10} {entry['rules']:>7} {tool:<34} {s['median_seconds']:>9.3f} "
                   f"{s['min_seconds']:>7.3f} {s['peak_rss_mb']:>8.1f} "
                   f"{','.join(map(str, s['rc'])):>4}")
+    for name, entry in variants.items():
+        if "output_matches_iptables_save" in entry:
+            print(f"{name}: translate output identical to iptables-legacy-save: "
+                  f"{entry['output_matches_iptables_save']}")
     print(f"target: bpfilter translate <= {TARGET_SECONDS} s and <= {TARGET_RSS_MB:.0f} MB "
           f"for {args.rules} rules; results in {args.output}")
     return 0

@@ -209,6 +209,19 @@ class ProgLoadAttr(ctypes.Structure):
     ]
 
 
+class BtfLoadAttr(ctypes.Structure):
+    """BPF_BTF_LOAD."""
+
+    _fields_ = [
+        ("btf", u64),
+        ("btf_log_buf", u64),
+        ("btf_size", u32),
+        ("btf_log_size", u32),
+        ("btf_log_level", u32),
+        ("btf_log_true_size", u32),
+    ]
+
+
 class ObjAttr(ctypes.Structure):
     """BPF_OBJ_PIN, BPF_OBJ_GET."""
 
@@ -936,7 +949,8 @@ def check_compatible(m: Map | int, spec: MapSpec) -> None:
 
 
 def _prog_attr(
-    spec: ProgramSpec, code: ctypes.Array[ctypes.c_char], lic: ctypes.Array[ctypes.c_char]
+    spec: ProgramSpec, code: ctypes.Array[ctypes.c_char], lic: ctypes.Array[ctypes.c_char],
+    btf: tuple[int, ctypes.Array[ctypes.c_char]] | None = None,
 ) -> ProgLoadAttr:
     attr = ProgLoadAttr(
         prog_type=spec.prog_type,
@@ -947,7 +961,26 @@ def _prog_attr(
     )
     if spec.expected_attach_type is not None:
         attr.expected_attach_type = spec.expected_attach_type
+    if btf is not None:
+        # struct bpf_func_info { u32 insn_off; u32 type_id; }
+        attr.prog_btf_fd, infos = btf
+        attr.func_info_rec_size = 8
+        attr.func_info = ctypes.addressof(infos)
+        attr.func_info_cnt = len(infos) // 8
     return attr
+
+
+def btf_load(data: bytes) -> Fd:
+    """BPF_BTF_LOAD of a raw BTF blob; BpfError carries the kernel's BTF log on refusal."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    log = ctypes.create_string_buffer(LOG_SIZE_START)
+    attr = BtfLoadAttr(btf=ctypes.addressof(buf), btf_size=len(data),
+                       btf_log_buf=ctypes.addressof(log), btf_log_size=LOG_SIZE_START,
+                       btf_log_level=1)
+    fd, err = _call(Cmd.BTF_LOAD, attr)
+    if err:
+        _raise(Cmd.BTF_LOAD, err, log.value.decode(errors="replace").strip()[-300:])
+    return Fd(fd)
 
 
 def _load(attr: ProgLoadAttr) -> tuple[int, int]:
@@ -967,17 +1000,23 @@ def _log_summary(log: str) -> str:
     return ""
 
 
-def prog_load(spec: ProgramSpec, *, log_level: int = 0) -> Prog:
+def prog_load(spec: ProgramSpec, *, log_level: int = 0,
+              func_info: tuple[Fd, bytes] | None = None) -> Prog:
     """BPF_PROG_LOAD. On refusal raise VerifierError carrying the complete verifier log.
 
     Without ``log_level`` the program is loaded without a log first (the fast path) and, only
     when that fails, once more with a log that grows until the whole text fits.
+    ``func_info`` is the program's BTF (from btf_load) and its packed bpf_func_info records,
+    needed for global functions.
     """
     code = ctypes.create_string_buffer(spec.code, len(spec.code))
     lic = ctypes.create_string_buffer(spec.license.encode())
+    btf = None
+    if func_info is not None:
+        btf = (func_info[0].fd, ctypes.create_string_buffer(func_info[1], len(func_info[1])))
     detail = f"program {spec.name}"
     if not log_level:
-        attr = _prog_attr(spec, code, lic)
+        attr = _prog_attr(spec, code, lic, btf)
         fd, err = _load(attr)
         if not err:
             return Prog(fd, spec)
@@ -986,7 +1025,7 @@ def prog_load(spec: ProgramSpec, *, log_level: int = 0) -> Prog:
     size = LOG_SIZE_START
     while True:
         log = ctypes.create_string_buffer(size)
-        attr = _prog_attr(spec, code, lic)
+        attr = _prog_attr(spec, code, lic, btf)
         attr.log_level = log_level or LogLevel.LEVEL1
         attr.log_size = size
         attr.log_buf = ctypes.addressof(log)

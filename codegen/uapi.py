@@ -359,3 +359,22 @@ RINGBUF_BUSY_BIT = 1 << 31  # record header: producer has not committed the reco
 RINGBUF_DISCARD_BIT = 1 << 30  # record header: producer discarded the record
 RINGBUF_HDR_SZ = 8  # u32 len (with the two bits above) + u32 page offset
 ENOTSUPP = 524  # kernel-internal errno some bpf commands leak to user space
+
+
+class IpCtInfo(enum.IntEnum):
+    """enum ip_conntrack_info: the low bits of ``sk_buff._nfct`` (NFCT_INFOMASK)."""
+
+    ESTABLISHED = 0
+    RELATED = 1
+    NEW = 2
+    ESTABLISHED_REPLY = 3  # IP_CT_IS_REPLY + ESTABLISHED
+    RELATED_REPLY = 4
+    NUMBER = 5
+    UNTRACKED = 7  # with a NULL conntrack pointer: nf_ct_set(skb, NULL, IP_CT_UNTRACKED)
+
+
+IP_CT_IS_REPLY = 3
+NFCT_INFOMASK = 7  # _nfct = (struct nf_conn *) | ctinfo
+IFNAMSIZ = 16  # net_device.name, NUL included
+IPS_SRC_NAT = 1 << 4  # enum ip_conntrack_status: nf_conn.status bits xt_conntrack reports
+IPS_DST_NAT = 1 << 5

@@ -1,18 +1,24 @@
-"""iptables-restore text -> IR: line dispatch, the Lark shape grammar, option semantics."""
+"""iptables-restore text -> IR: line dispatch, restore commands, option semantics."""
 
 from __future__ import annotations
 
-import functools
+import itertools
+import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from importlib import resources
-
-from lark import Lark, Token, Tree
-from lark.exceptions import UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from bpfilter.codegen.uapi import NfHook
 from bpfilter.grammar.errors import EXIT_LINE_FAILED, EXIT_PARAMETER, ParseError
+from bpfilter.grammar.getopt import arity, normalize
+from bpfilter.grammar.shapes import (
+    RULE_COMMANDS,
+    ShapeError,
+    Template,
+    grammar_text,
+    shape_word,
+    template,
+)
 from bpfilter.grammar.tokenize import TokenizeError, Word, split_words
 from bpfilter.ir import checks
 from bpfilter.ir.matches import (
@@ -54,168 +60,6 @@ NAT_PRIORITY = {"PREROUTING": -100, "OUTPUT": -100, "INPUT": 100, "POSTROUTING":
 CHAIN_NAME_MAX = 28
 IFNAME_MAX = 15
 
-# getopt long names iptables accepts for its core options, and extension aliases.
-LONG_ALIASES = {
-    "--append": "-A", "--check": "-C", "--delete": "-D", "--insert": "-I", "--replace": "-R",
-    "--list": "-L", "--list-rules": "-S", "--flush": "-F", "--zero": "-Z",
-    "--new-chain": "-N", "--new": "-N", "--delete-chain": "-X", "--rename-chain": "-E",
-    "--policy": "-P", "--source": "-s", "--src": "-s", "--destination": "-d", "--dst": "-d",
-    "--in-interface": "-i", "--out-interface": "-o", "--protocol": "-p", "--jump": "-j",
-    "--goto": "-g", "--match": "-m", "--fragment": "-f", "--set-counters": "-c",
-    "--table": "-t", "--ipv4": "-4", "--ipv6": "-6", "--verbose": "-v", "--numeric": "-n",
-    "--exact": "-x",
-    "--source-port": "--sport", "--destination-port": "--dport",
-    "--source-ports": "--sports", "--destination-ports": "--dports",
-    "--hashlimit": "--hashlimit-upto",
-}
-# Short options that take an argument and may be glued to it (`-ptcp`).
-GLUED = frozenset({"-s", "-d", "-i", "-o", "-p", "-j", "-g", "-m", "-A", "-C", "-D", "-I",
-                   "-R", "-N", "-E", "-P", "-c", "-t"})
-RULE_COMMANDS = frozenset({"-A", "-C", "-I", "-D", "-R"})
-
-
-@functools.cache
-def grammar_text() -> str:
-    """The shape grammar (grammar/iptables.lark)."""
-    return resources.files("bpfilter.grammar").joinpath("iptables.lark").read_text()
-
-
-@functools.cache
-def _parser() -> Lark:
-    return Lark(grammar_text(), parser="lalr", lexer="contextual", maybe_placeholders=False)
-
-
-# ---- shapes and templates ---------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class _Item:
-    """One option of a line: name as written (normalised), negation, argument indices."""
-
-    opt: str
-    neg: bool
-    args: tuple[int, ...]
-    index: int  # word index of the option itself
-
-
-@dataclass(frozen=True, slots=True)
-class _Template:
-    command: str
-    cmd_index: int
-    cmd_args: tuple[int, ...]
-    items: tuple[_Item, ...]
-
-
-def _shape_word(text: str) -> str:
-    if text == "!":
-        return "!"
-    if len(text) > 1 and text[0] == "-" and " " not in text and "\t" not in text:
-        return text
-    return "V"
-
-
-class _ShapeError(Exception):
-    def __init__(self, index: int, message: str) -> None:
-        super().__init__(message)
-        self.index = index
-        self.message = message
-
-
-def _template(shape: tuple[str, ...]) -> _Template:
-    """Parse one line shape with the grammar into a template (cached by the caller)."""
-    text = " ".join(shape)
-    starts = []
-    pos = 0
-    for s in shape:
-        starts.append(pos)
-        pos += len(s) + 1
-    index_of = {p: i for i, p in enumerate(starts)}
-    try:
-        tree = _parser().parse(text)
-    except UnexpectedInput as e:
-        raise _shape_error(e, shape, index_of) from None
-    command = ""
-    cmd_index = -1
-    cmd_args: tuple[int, ...] = ()
-    items: list[_Item] = []
-    assert isinstance(tree, Tree)
-    for node in tree.children:
-        assert isinstance(node, Tree)
-        toks = [t for t in node.scan_values(lambda v: isinstance(v, Token))]
-        idx = [index_of[t.start_pos] for t in toks]  # type: ignore[index]
-        if node.data in ("chain_cmd", "chain_num_cmd", "replace_cmd", "optchain_cmd",
-                         "new_cmd", "two_cmd"):
-            command = str(toks[0])
-            cmd_index = idx[0]
-            cmd_args = tuple(idx[1:])
-            continue
-        negs = [t for t in toks if t.type == "BANG"]
-        if len(negs) > 1:
-            raise _ShapeError(idx[0], "multiple `!' flags not allowed")
-        rest = [(t, i) for t, i in zip(toks, idx, strict=True) if t.type != "BANG"]
-        opt_tok, opt_i = rest[0]
-        items.append(_Item(str(opt_tok), bool(negs), tuple(i for _, i in rest[1:]), opt_i))
-    return _Template(command, cmd_index, cmd_args, tuple(items))
-
-
-def _shape_error(e: UnexpectedInput, shape: tuple[str, ...], index_of: dict[int, int]
-                 ) -> _ShapeError:
-    if isinstance(e, UnexpectedEOF) or (
-        isinstance(e, UnexpectedToken) and e.token.type == "$END"
-    ):
-        last = len(shape) - 1
-        if last < 0:
-            return _ShapeError(0, "no command specified")
-        opt = shape[last]
-        if opt.startswith("-") or opt == "!":
-            return _ShapeError(last, f"option \"{opt}\" requires an argument")
-        return _ShapeError(last, "no command specified")
-    pos = e.pos_in_stream if e.pos_in_stream is not None else 0
-    if isinstance(e, UnexpectedToken):
-        pos = e.token.start_pos if e.token.start_pos is not None else pos
-    i = index_of.get(pos, 0)
-    word = shape[i]
-    if word.startswith("-") and len(word) > 1:
-        cmds = {"-A", "-C", "-D", "-I", "-R", "-F", "-X", "-Z", "-L", "-S", "-N", "-E", "-P"}
-        if word in cmds:
-            return _ShapeError(i, "only one command may be given")
-        return _ShapeError(i, f"unknown option \"{word}\"")
-    return _ShapeError(i, "Bad argument `{}'")
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_template(shape: tuple[str, ...]) -> _Template:
-    return _template(shape)
-
-
-def normalize(words: list[Word]) -> list[Word]:
-    """getopt's view of the words: `--opt=value` split, long aliases, `-ptcp` unglued."""
-    out: list[Word] = []
-    changed = False
-    for w in words:
-        t = w.text
-        if len(t) > 2 and t[0] == "-":
-            if t[1] == "-":
-                name, eq, value = t.partition("=")
-                if name in LONG_ALIASES:
-                    name = LONG_ALIASES[name]
-                    changed = True
-                if eq:
-                    out.append(Word(name, w.col, w.quoted))
-                    out.append(Word(value, w.col + len(t) - len(value), w.quoted))
-                    changed = True
-                    continue
-                if name != t:
-                    out.append(Word(name, w.col, w.quoted))
-                    continue
-            elif t[:2] in GLUED and not w.quoted:
-                out.append(Word(t[:2], w.col, False))
-                out.append(Word(t[2:], w.col + 2, False))
-                changed = True
-                continue
-        out.append(w)
-    return out if changed else words
-
-
 # ---- rule building ------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -246,6 +90,36 @@ class _TableB:
     chains: dict[str, _ChainB]
 
 
+@dataclass(slots=True)
+class _PlanExt:
+    """One extension of a planned line: where its option values are, and its cache id."""
+
+    uid: int
+    ext: Extension
+    is_target: bool
+    index: int  # word index of the -m/-j value, or of the first option if implicit
+    items: tuple[tuple[str, bool, tuple[int, ...], int], ...]
+    values: Callable[[list[str]], object]
+
+
+@dataclass(slots=True)
+class _Plan:
+    """How every line of one shape (and the same -m/-j/-p words and chain) becomes a rule."""
+
+    src: tuple[int, bool] | None
+    dst: tuple[int, bool] | None
+    fields: dict[str, object]  # the fragment flag: the same for every such line
+    ifaces: tuple[tuple[str, int, bool], ...]  # ("iif"/"oif", word index, negated)
+    proto: int | None
+    proto_neg: bool
+    target: Target | None
+    jump_chain: str | None  # a user chain that must still exist when the line runs
+    exts: tuple[_PlanExt, ...]
+
+
+_PLAN_IDS = itertools.count(1)
+
+
 class _LineFailed(Exception):
     """An operation iptables-restore reports as `line N failed` (exit 1)."""
 
@@ -267,7 +141,10 @@ class _ParamError(Exception):
 _VERDICT_TARGETS = {n: Target(TargetKind.VERDICT, n) for n in VERDICTS}
 _CORE_ONCE = frozenset({"-s", "-d", "-i", "-o", "-p", "-f", "-j", "-g", "-c"})
 # Raw shape -> template, or None for lines that need the careful path.
-_FAST: dict[tuple[str, ...], _Template | None] = {}
+_FAST: dict[str, Template | None] = {}
+# A plain line's shape in one C-level pass: every word that is not an option-like word
+# ("-x...") or "!" becomes "V" (the same rule as shape_word).
+_SHAPE_SUB = re.compile(r"(?<![^ \t])(?:[^-! \t][^ \t]*|-(?![^ \t])|![^ \t]+)").sub
 # (extension, raw options, context) -> the finished Match or Target, shared between rules.
 _EXT_CACHE: dict[tuple[object, ...], Match | Target] = {}
 _BLANK_WORD = re.compile(r"[^ \t\n]+")
@@ -345,7 +222,8 @@ class _Parser:
         return Ruleset(tuple(self.tables.values()))
 
     def start_table(self, line: str) -> None:
-        words = line[1:].split()
+        # Split on blanks only, as iptables-restore's strtok does: a CR stays in the name.
+        words = _BLANK_WORD.findall(line[1:])
         name = words[0] if words else ""
         if name not in BUILTIN_CHAINS:
             raise self.error(f"unable to initialize table '{name}'", col=2)
@@ -383,7 +261,8 @@ class _Parser:
                              exit_code=EXIT_LINE_FAILED)
         if name in chains:
             raise self.error(f"error creating chain '{name}': File exists", col=2)
-        _check_chain_name(name, 2)
+        if name in VERDICTS or name in TARGETS:
+            raise self.error(f"Invalid chain name `{name}'", col=2)
         chains[name] = _ChainB(name, False, None, counters, self.lineno)
 
     def commit(self) -> None:
@@ -423,9 +302,20 @@ class _Parser:
             # Fast path: no quoting, so str.split() tokenises exactly like iptables-restore
             # and columns are only computed if an error needs one.
             texts = body.split()
-            shape = tuple(["V" if (t[0] != "-" or len(t) == 1) and t != "!" else t
-                           for t in texts])
-            tpl = self.fast_template(shape)
+            tpl = self.fast_template(_SHAPE_SUB("V", body))
+            if tpl is not None and tpl.command == "-A" and counters is None \
+                    and tpl.static is not None and not tpl.family_flags:
+                # Fastest path: an append whose extensions are all cached already.
+                assert self.cur is not None
+                chain_name = texts[tpl.cmd_args[0]]
+                c = self.cur.chains.get(chain_name)
+                if c is not None:
+                    col = offset + 1 + len(body) - len(body.lstrip(" \t"))
+                    rules = self.planned_rule(tpl, tpl.static(texts) if tpl.static_n else (),
+                                              texts, None, chain_name, col)
+                    if rules is not None:
+                        c.rules.extend(rules)
+                        return
             if tpl is not None:
                 cols = _LazyCols(body, offset)
                 try:
@@ -437,35 +327,25 @@ class _Parser:
             words = split_words(body, offset)
         except TokenizeError as e:
             raise self.error(e.message, col=e.col) from None
-        for w in words:
-            t = w.text
-            if not w.quoted and t and t[0] == "-" and (
-                (len(t) > 1 and t[1] != "-" and "t" in t) or (t.startswith("--t") and
-                                                              "--table".startswith(t))
-            ):
-                raise self.error("The -t option cannot be used in iptables-restore.", col=w.col)
         self.rule_words(normalize(words), counters)
 
-    def fast_template(self, shape: tuple[str, ...]) -> _Template | None:
+    def fast_template(self, key: str) -> Template | None:
         """The template for a raw shape, or None when the line needs the careful path
-        (getopt normalisation, a `-t` check that fails, or a syntax error)."""
+        (getopt normalisation or a syntax error)."""
         try:
-            return _FAST[shape]
+            return _FAST[key]
         except KeyError:
             pass
-        tpl: _Template | None = None
+        shape = tuple(key.split())
+        tpl: Template | None = None
         words = [Word(t, 0) for t in shape]
-        if normalize(words) is words and not any(
-            len(t) > 1 and t[0] == "-" and ((t[1] != "-" and "t" in t) or
-                                            (t.startswith("--t") and "--table".startswith(t)))
-            for t in shape
-        ):
+        if normalize(words) is words:
             try:
-                tpl = _cached_template(shape)
-            except _ShapeError:
+                tpl = template(shape)
+            except ShapeError:
                 tpl = None
         if len(_FAST) < 4096:
-            _FAST[shape] = tpl
+            _FAST[key] = tpl
         return tpl
 
     def convert(self, e: Exception, cols: Sequence[int]) -> ParseError:
@@ -479,10 +359,10 @@ class _Parser:
     def rule_words(self, words: list[Word], counters: tuple[int, int] | None) -> None:
         if not words:
             raise self.error("no command specified", col=1)
-        shape = tuple(_shape_word(w.text) for w in words)
+        shape = tuple(shape_word(w.text) for w in words)
         try:
-            tpl = _cached_template(shape)
-        except _ShapeError as e:
+            tpl = template(shape)
+        except ShapeError as e:
             self.explain_unloadable(words, e.index)
             w = words[e.index] if e.index < len(words) else words[-1]
             raise self.error(e.message.format(w.text), col=w.col) from None
@@ -506,18 +386,23 @@ class _Parser:
                 raise self.error(e.message, col=e.col) from None
 
     # -- commands --
-    def execute(self, tpl: _Template, texts: list[str], cols: Sequence[int],
+    def execute(self, tpl: Template, texts: list[str], cols: Sequence[int],
                 counters: tuple[int, int] | None) -> None:
         assert self.cur is not None
-        for it in tpl.items:
-            if it.opt == self.skip_flag:
-                return  # a line for the other family: iptables-restore skips it
+        if self.skip_flag in tpl.family_flags:
+            return  # a line for the other family: iptables-restore skips it
         cmd = tpl.command
         chains = self.cur.chains
         if cmd in RULE_COMMANDS:
             ci = tpl.cmd_args[0]
             chain_name = texts[ci]
-            rules = self.build_rules(tpl, texts, cols, chain_name, counters)
+            rules = None
+            if counters is None and tpl.static is not None:
+                col = cols.first if isinstance(cols, _LazyCols) else cols[0]
+                rules = self.planned_rule(tpl, tpl.static(texts) if tpl.static_n else (),
+                                          texts, cols, chain_name, col)
+            if rules is None:
+                rules = self.build_rules(tpl, texts, cols, chain_name, counters)
             c = chains.get(chain_name)
             if cmd == "-A" and c is not None:
                 c.rules.extend(rules)
@@ -534,7 +419,8 @@ class _Parser:
                 pos = _rulenum(args[1]) - 1 if len(args) > 1 else 0
                 if pos > len(c.rules):
                     raise _LineFailed("index of insertion too big", args[1].col)
-                c.rules[pos:pos] = rules
+                # iptables inserts each expanded rule at the same position, in turn.
+                c.rules[pos:pos] = rules[::-1]
             elif cmd == "-R":
                 pos = _rulenum(args[1]) - 1
                 if pos >= len(c.rules) or len(rules) != 1:
@@ -553,6 +439,9 @@ class _Parser:
             return
         args = [Word(texts[i], cols[i]) for i in tpl.cmd_args]
         for it in tpl.items:
+            if it.opt == "-t":
+                raise _ParamError("The -t option cannot be used in iptables-restore.",
+                                  cols[it.index])
             if it.opt not in ("-4", "-6", "-v", "-n", "-x", "--line-numbers"):
                 raise _ParamError(f"Illegal option `{it.opt}' with this command",
                                   cols[it.index])
@@ -617,6 +506,9 @@ class _Parser:
         elif cmd in ("-Z", "-L", "-S"):
             if args and args[0].text not in chains:
                 raise _LineFailed(f"chain `{args[0].text}' does not exist", args[0].col)
+            if len(args) > 1 and _rulenum(args[1]) > len(chains[args[0].text].rules):
+                raise _LineFailed(f"no rule {args[1].text} in chain `{args[0].text}'",
+                                  args[1].col)
         else:
             raise _ParamError("no command specified", 1)
 
@@ -630,7 +522,7 @@ class _Parser:
             raise _LineFailed("index of deletion too big", num_w.col)
         del c.rules[pos]
 
-    def build_rules(self, tpl: _Template, texts: list[str], cols: Sequence[int], chain: str,
+    def build_rules(self, tpl: Template, texts: list[str], cols: Sequence[int], chain: str,
                     counters: tuple[int, int] | None) -> list[Rule]:
         """The rules of one -A/-I/-D/-R/-C line (more than one when -s/-d list addresses)."""
         assert self.cur is not None
@@ -719,11 +611,16 @@ class _Parser:
                                                        cols, it.args[0])
                 if target_inst is not None:
                     exts.append(target_inst)
+            elif opt == "-t":
+                raise _ParamError("The -t option cannot be used in iptables-restore.",
+                                  cols[it.index])
             elif opt in ("-4", "-6", "-v", "-n", "-x", "--line-numbers"):
                 if opt in ("-v", "-n", "-x", "--line-numbers"):
                     raise _ParamError(f"Illegal option `{opt}' with this command", cols[it.index])
             else:
                 inst = _find_owner(exts, opt)
+                if inst is None:
+                    inst, opt = _find_prefix_owner(exts, opt)
                 if inst is None and proto is not None and not proto_neg and not implicit_loaded:
                     pname = PROTO_MATCH.get(proto)
                     ext = MATCHES.get(pname) if pname else None
@@ -769,6 +666,177 @@ class _Parser:
                                    dst=_drop_any(d, f.get("dst_neg"))))
         return out
 
+    def make_plan(self, tpl: Template, texts: list[str], chain: str) -> _Plan | None:
+        """Resolve a rule line's extensions once for all lines like it (None: not plannable)."""
+        assert self.cur is not None
+        src = dst = None
+        fields: dict[str, object] = {}
+        ifaces: list[tuple[str, int, bool]] = []
+        proto: int | None = None
+        proto_neg = False
+        target: Target | None = None
+        jump_chain = None
+        insts: list[tuple[Extension, bool, int, list[tuple[str, bool, tuple[int, ...], int]]]]
+        insts = []
+        implicit_loaded = False
+        seen: set[str] = set()
+        for it in tpl.items:
+            opt = it.opt
+            if opt in _CORE_ONCE:
+                if opt in seen:
+                    return None
+                seen.add(opt)
+            if opt == "-s" or opt == "-d":
+                if it.neg and "," in texts[it.args[0]]:
+                    return None
+                if opt == "-s":
+                    src = (it.args[0], it.neg)
+                else:
+                    dst = (it.args[0], it.neg)
+            elif opt == "-i" or opt == "-o":
+                if (opt == "-o" and chain in ("INPUT", "PREROUTING")) \
+                        or (opt == "-i" and chain in ("OUTPUT", "POSTROUTING")):
+                    return None
+                ifaces.append(("iif" if opt == "-i" else "oif", it.args[0], it.neg))
+            elif opt == "-p":
+                try:
+                    proto = parse_proto(texts[it.args[0]])
+                except ValueError_:
+                    return None
+                proto_neg = it.neg
+                if proto == 0 and it.neg:
+                    return None
+            elif opt == "-f":
+                if self.bits != 32:
+                    return None
+                fields["fragment"] = not it.neg
+            elif opt == "-m":
+                ext = MATCHES.get(MATCH_ALIASES.get(texts[it.args[0]], texts[it.args[0]]))
+                if it.neg or ext is None or self.family not in ext.families:
+                    return None
+                insts.append((ext, False, it.args[0], []))
+            elif opt == "-j" or opt == "-g":
+                name = texts[it.args[0]]
+                c = self.cur.chains.get(name)
+                if it.neg:
+                    return None
+                if c is not None and not c.builtin:
+                    target = Target(TargetKind.GOTO if opt == "-g" else TargetKind.JUMP, name)
+                    jump_chain = name
+                elif opt == "-g":
+                    return None
+                elif name in _VERDICT_TARGETS:
+                    target = _VERDICT_TARGETS[name]
+                else:
+                    ext = TARGETS.get(name)
+                    if ext is None or self.family not in ext.families:
+                        return None
+                    target = Target(TargetKind.EXTENSION, name)
+                    insts.append((ext, True, it.args[0], []))
+            else:
+                owner = None
+                for entry in reversed(insts):
+                    if opt in entry[0].options:
+                        owner = entry
+                        break
+                    if any(o.startswith(opt) for o in entry[0].options):
+                        return None  # an abbreviation: the general path resolves it
+                if owner is None and proto is not None and not proto_neg \
+                        and not implicit_loaded:
+                    pname = PROTO_MATCH.get(proto)
+                    ext = MATCHES.get(pname) if pname else None
+                    if ext is not None and self.family in ext.families and opt in ext.options:
+                        implicit_loaded = True
+                        owner = (ext, False, it.index, [])
+                        insts.append(owner)
+                if owner is None:
+                    return None
+                owner[3].append((opt, it.neg, it.args, it.index))
+        exts = []
+        for ext, is_target, index, items in insts:
+            idx = [i for _, _, args, _ in items for i in args]
+            getter: Callable[[list[str]], object] = (
+                operator.itemgetter(*idx) if idx else _no_values)
+            exts.append(_PlanExt(next(_PLAN_IDS), ext, is_target, index, tuple(items), getter))
+        return _Plan(src, dst, fields, tuple(ifaces), proto, proto_neg, target, jump_chain,
+                     tuple(exts))
+
+    def planned_rule(self, tpl: Template, static: object, texts: list[str],
+                     cols: Sequence[int] | None, chain: str, col: int) -> list[Rule] | None:
+        """The rule of a plain line through its plan, or None to take the general path.
+
+        Without `cols` (word columns, for error messages) only cached extensions are used.
+        """
+        assert self.cur is not None
+        key = (tpl, static, chain, self.cur.name, self.bits)
+        plan = _PLANS.get(key, False)
+        if plan is False:
+            plan = self.make_plan(tpl, texts, chain)
+            if len(_PLANS) < 4096:
+                _PLANS[key] = plan
+        if plan is None:
+            return None
+        assert isinstance(plan, _Plan)
+        if plan.jump_chain is not None:
+            c = self.cur.chains.get(plan.jump_chain)
+            if c is None or c.builtin:
+                return None
+        target = plan.target
+        matches = []
+        ctx_key = (plan.proto, plan.proto_neg, self.cur.name, chain, self.bits)
+        for pe in plan.exts:
+            ext_key = (pe.uid, pe.values(texts), ctx_key)
+            obj = _EXT_CACHE.get(ext_key)
+            if obj is None:
+                if cols is None:
+                    return None
+                inst = _ExtInst(pe.ext, {}, pe.index, is_target=pe.is_target)
+                for opt, neg, args, index in pe.items:
+                    inst.raw.append((opt, neg, tuple([texts[i] for i in args]), index,
+                                     args[0] if args else index))
+                ctx = Ctx(self.bits, plan.proto, plan.proto_neg, self.cur.name, chain)
+                obj = self.finish(inst, ctx, target, cols)
+                if len(_EXT_CACHE) < 65536:
+                    _EXT_CACHE[ext_key] = obj
+            if pe.is_target:
+                assert isinstance(obj, Target)
+                target = obj
+            else:
+                assert isinstance(obj, Match)
+                matches.append(obj)
+        bits = self.bits
+        src = dst = None
+        try:
+            if plan.src is not None:
+                value = texts[plan.src[0]]
+                if "," in value:
+                    return None
+                src = _drop_any(parse_prefix(value, bits), plan.src[1])
+            if plan.dst is not None:
+                value = texts[plan.dst[0]]
+                if "," in value:
+                    return None
+                dst = _drop_any(parse_prefix(value, bits), plan.dst[1])
+        except ValueError_:
+            return None
+        fields = plan.fields
+        if plan.ifaces:
+            fields = dict(fields)
+            for field_name, index, neg in plan.ifaces:
+                name = texts[index]
+                if len(name) > IFNAME_MAX:
+                    return None
+                if name == "+" and not neg:
+                    continue
+                fields[field_name] = name
+                fields[field_name + "_neg"] = neg
+        proto = plan.proto
+        return [Rule(src=src, src_neg=plan.src[1] if plan.src else False, dst=dst,
+                     dst_neg=plan.dst[1] if plan.dst else False, proto=proto if proto else None,
+                     proto_neg=plan.proto_neg if proto else False, matches=tuple(matches),
+                     target=target, line=self.lineno, col=col,
+                     **fields)]
+
     def finish(self, inst: _ExtInst, ctx: Ctx, target: Target | None, cols: Sequence[int]
                ) -> Match | Target:
         """Parse and check one extension's options (the result is cached by raw text)."""
@@ -810,6 +878,26 @@ class _Parser:
             raise _ParamError(f"Couldn't load target `{name}':No such file or directory",
                               cols[index])
         return Target(TargetKind.EXTENSION, name), _ExtInst(ext, {}, index, is_target=True)
+
+
+def _find_prefix_owner(exts: list[_ExtInst], opt: str) -> tuple[_ExtInst | None, str]:
+    # getopt_long also takes an abbreviation of a loaded extension's long option
+    # (`-m multiport --dport 80` means --dports); the newest extension is searched first.
+    if not opt.startswith("--"):
+        return None, opt
+    for inst in reversed(exts):
+        found = [o for o in inst.ext.options if o.startswith(opt)
+                 and arity(o) == arity(opt)]
+        if found:
+            return inst, min(found, key=len)
+    return None, opt
+
+
+def _no_values(texts: list[str]) -> object:
+    return ()
+
+
+_PLANS: dict[tuple[object, ...], _Plan | None] = {}
 
 
 def _find_owner(exts: list[_ExtInst], opt: str) -> _ExtInst | None:
@@ -866,8 +954,7 @@ def _check_chain_name(name: str, col: int) -> None:
 
 
 def _rule_key(r: Rule) -> Rule:
-    matches = tuple(replace(m, line=0, col=0) for m in r.matches)
-    return replace(r, line=0, col=0, counters=None, matches=matches)
+    return replace(r, line=0, col=0, counters=None)
 
 
 def _referenced(chains: dict[str, _ChainB], name: str) -> bool:
@@ -904,7 +991,7 @@ def parse_command(argv: list[str], *, family: int = 4, table: str = "filter",
     for a in args:
         words.append(Word(a, col))
         col += len(a) + 1
-    p.rule_words(normalize(words), None)
+    p.rule_words(normalize(words, glued=True), None)
     p.commit()
     return Ruleset(tuple(p.tables.values()))
 

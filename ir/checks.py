@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bpfilter.codegen.uapi import NfHook
-from bpfilter.ir.model import Chain, Rule, Table, TargetKind
+from bpfilter.ir.matches import LIMIT_SCALE, MATCHES
+from bpfilter.ir.model import Chain, Match, Rule, Table, TargetKind
 from bpfilter.ir.targets import TARGETS
 
 
@@ -59,7 +60,11 @@ def reachable_hooks(table: Table) -> dict[str, frozenset[NfHook]]:
 
 
 def find_loop(table: Table) -> Rule | None:
-    """A rule whose jump closes a cycle through user chains, if there is one."""
+    """A rule whose jump closes a cycle reachable from a base chain, if there is one.
+
+    The kernel only walks chains reachable from its hooks, so an unreachable cycle
+    (`-A A -g A` with nothing jumping to A) is accepted, as iptables accepts it.
+    """
     by_name = {c.name: c for c in table.chains}
     state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
 
@@ -79,7 +84,7 @@ def find_loop(table: Table) -> Rule | None:
         return None
 
     for c in table.chains:
-        if c.name not in state:
+        if c.hook is not None and c.name not in state:
             found = visit(c.name)
             if found is not None:
                 return found
@@ -109,6 +114,12 @@ def _check_rule(table: Table, chain: Chain, rule: Rule, names: set[str],
     t = rule.target
     where = (rule.line, rule.col)
     for m in rule.matches:
+        ext = MATCHES[m.kind]
+        if ext.tables is not None and table.name not in ext.tables:
+            out.append(Problem(*where, f"{m.kind} match is only valid in the "
+                               f"{'/'.join(sorted(ext.tables))} table"))
+        if m.kind == "limit" and _limit_overflows(m):
+            out.append(Problem(*where, "limit: rate times burst overflows, try a lower one"))
         need = MATCH_PROTO.get(m.kind)
         if need is not None and (rule.proto != need or rule.proto_neg):
             out.append(Problem(*where, f"{m.kind} match: only valid for protocol {need}"))
@@ -142,6 +153,27 @@ def _check_rule(table: Table, chain: Chain, rule: Rule, names: set[str],
             out.append(Problem(*where, "TCPMSS --clamp-mss-to-pmtu: only valid in FORWARD, "
                                "OUTPUT and POSTROUTING"))
     return out
+
+
+# xt_limit converts rates to credits with the kernel's HZ (CONFIG_HZ; 250 on Debian).
+KERNEL_HZ = 250
+_CREDITS_PER_JIFFY = 1 << ((0xFFFFFFFF // (KERNEL_HZ * 86400)).bit_length() - 1)
+
+
+def _user2credits(user: int) -> int:
+    if user > 0xFFFFFFFF // (KERNEL_HZ * _CREDITS_PER_JIFFY):
+        return (user // LIMIT_SCALE) * KERNEL_HZ * _CREDITS_PER_JIFFY
+    return user * KERNEL_HZ * _CREDITS_PER_JIFFY // LIMIT_SCALE
+
+
+def _limit_overflows(m: Match) -> bool:
+    """xt_limit refuses a rule whose u32 avg * burst wraps (checkentry returns -ERANGE)."""
+    avg = m.get("--limit")
+    burst = m.get("--limit-burst")
+    if avg is None or burst is None:
+        return False
+    a, b = int(avg.value), int(burst.value)
+    return b == 0 or _user2credits((a * b) & 0xFFFFFFFF) < _user2credits(a)
 
 
 def _syn_match(m: object) -> bool:

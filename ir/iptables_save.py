@@ -23,11 +23,12 @@ def format_rule(rule: Rule, chain: str, *, bits: int = 32, table: str = "filter"
         if rule.dst_neg:
             out.append("!")
         out += ["-d", format_prefix(rule.dst)]
-    if rule.iif is not None:
+    # iptables-save 1.8.9 prints nothing for "+" (an empty interface mask), even negated.
+    if rule.iif is not None and rule.iif != "+":
         if rule.iif_neg:
             out.append("!")
         out += ["-i", rule.iif]
-    if rule.oif is not None:
+    if rule.oif is not None and rule.oif != "+":
         if rule.oif_neg:
             out.append("!")
         out += ["-o", rule.oif]

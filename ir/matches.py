@@ -64,7 +64,7 @@ class Extension:
     save: Callable[[Opts, Ctx], str]
     finalize: Callable[[Opts, Ctx], Opts] = _no_finalize
     families: frozenset[int] = frozenset({4, 6})
-    tables: frozenset[str] | None = None  # targets only valid in these tables
+    tables: frozenset[str] | None = None  # only valid in these tables
     aliases: Mapping[str, str] = field(default_factory=dict)
     repeatable: frozenset[str] = frozenset()
     # option -> an option that must come before it on the command line
@@ -90,11 +90,8 @@ def _uint(maximum: int, what: str = "value") -> Parser:
 
 
 def _str_max(n: int, what: str) -> Parser:
-    def p(s: str, ctx: Ctx) -> str:
-        if len(s) > n:
-            raise fail(f"{what} too long (max {n} characters)")
-        return s
-    return _one(p)
+    # xtables copies string options into fixed buffers and silently truncates them.
+    return _one(lambda s, ctx: s[:n])
 
 
 def _mark(s: str, ctx: Ctx) -> tuple[int, int]:
@@ -479,8 +476,11 @@ _RATES = [("day", LIMIT_SCALE * 86400), ("hour", LIMIT_SCALE * 3600),
 _UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
 
-def parse_rate(s: str) -> int:
-    """`N[/second|/minute|/hour|/day]` (unit prefixes allowed) -> period in 1/10000 s."""
+HASHLIMIT_SCALE = 1000000  # hashlimit revisions 2 and 3 count in microseconds
+
+
+def parse_rate(s: str, scale: int = LIMIT_SCALE) -> int:
+    """`N[/second|/minute|/hour|/day]` (unit prefixes allowed) -> period in 1/scale s."""
     n_s, slash, unit = s.partition("/")
     mult = 1
     if slash:
@@ -493,21 +493,38 @@ def parse_rate(s: str) -> int:
     n = parse_uint(n_s, U32, "rate") if n_s else 0
     if n == 0:
         raise fail(f"bad rate \"{s}\"'")
-    r = LIMIT_SCALE * mult // n
+    r = scale * mult // n
     if r == 0:
         raise fail(f"Rate too fast \"{s}\"")
     return r
 
 
-def print_rate(period: int) -> str:
+def print_rate(period: int, scale: int = LIMIT_SCALE) -> str:
+    """The largest unit that shows the rate without losing much (libxt_limit's rule)."""
+    return rate_and_unit(period, scale)[0]
+
+
+def rate_and_unit(period: int, scale: int = LIMIT_SCALE) -> tuple[str, int]:
+    """The printed rate and the length of its unit in seconds."""
+    rates = [(name, mult // LIMIT_SCALE * scale) for name, mult in _RATES]
     i = 1
-    while i < len(_RATES):
-        mult = _RATES[i][1]
+    while i < len(rates):
+        mult = rates[i][1]
         if period > mult or mult // period < mult % period:
             break
         i += 1
-    name, mult = _RATES[i - 1]
-    return f"{mult // period}/{name}"
+    name, mult = rates[i - 1]
+    return f"{mult // period}/{name}", mult // scale
+
+
+def rate_unit(s: str) -> int:
+    """The unit of a rate as written, in seconds (1 when none is given)."""
+    _, slash, unit = s.partition("/")
+    if slash:
+        for name, m in _UNITS.items():
+            if unit and name.startswith(unit.lower()):
+                return m
+    return 1
 
 
 def _limit_finalize(opts: Opts, ctx: Ctx) -> Opts:
@@ -830,6 +847,8 @@ def _statistic_finalize(opts: Opts, ctx: Ctx) -> Opts:
             raise fail("statistic: --probability needs random mode")
         if "--every" not in opts:
             raise fail("statistic: --every is required in nth mode")
+        if "--packet" not in opts:
+            raise fail("statistic: option \"--every\" also requires \"--packet\".")
         every = int(opts["--every"].value)
         packet = int(opts.get("--packet", Option("--packet", 0)).value)
         if every == 0:
@@ -925,6 +944,9 @@ def _owner_finalize(opts: Opts, ctx: Ctx) -> Opts:
 
 def _owner_save(opts: Opts, ctx: Ctx) -> str:
     out = []
+    o = opts.get("--socket-exists")
+    if o is not None:
+        out.append(f"{_neg(o)}--socket-exists")
     for name in ("--uid-owner", "--gid-owner"):
         o = opts.get(name)
         if o is not None:
@@ -933,9 +955,6 @@ def _owner_save(opts: Opts, ctx: Ctx) -> str:
             out.append(f"{_neg(o)}{name} {r.lo}" + (f"-{r.hi}" if r.hi != r.lo else ""))
             if name == "--gid-owner" and "--suppl-groups" in opts:
                 out.append("--suppl-groups")
-    o = opts.get("--socket-exists")
-    if o is not None:
-        out.append(f"{_neg(o)}--socket-exists")
     return " ".join(out)
 
 
@@ -966,6 +985,7 @@ RPFILTER = Extension(
     {n: OptDef(None) for n in ("--loose", "--validmark", "--accept-local", "--invert")},
     lambda o, c: " ".join(n for n in ("--loose", "--validmark", "--accept-local", "--invert")
                           if n in o),
+    tables=frozenset({"raw", "mangle"}),
 )
 
 
@@ -1011,28 +1031,39 @@ def _hl_mode(args: tuple[str, ...], ctx: Ctx) -> tuple[str, ...]:
     return parts
 
 
+def _hashlimit_rate(s: str, ctx: Ctx) -> tuple[int, int]:
+    return parse_rate(s, HASHLIMIT_SCALE), rate_unit(s)
+
+
 def _hashlimit_finalize(opts: Opts, ctx: Ctx) -> Opts:
     if ("--hashlimit-upto" in opts) == ("--hashlimit-above" in opts):
         raise fail("hashlimit: exactly one of --hashlimit-upto or --hashlimit-above")
     _require(opts, "--hashlimit-name", msg="hashlimit: option \"--hashlimit-name\" must be "
              "specified")
     opts.setdefault("--hashlimit-burst", Option("--hashlimit-burst", 5))
+    rate = opts.get("--hashlimit-upto") or opts["--hashlimit-above"]
+    # Entries expire after one unit of the rate as written, unless told otherwise.
+    opts.setdefault("--hashlimit-htable-expire",
+                    Option("--hashlimit-htable-expire", rate.value[1] * 1000))
     return opts
 
 
 def _hashlimit_save(opts: Opts, ctx: Ctx) -> str:
     out = []
+    unit = 1
     for name in ("--hashlimit-upto", "--hashlimit-above"):
         if name in opts:
-            out.append(f"{name} {print_rate(int(opts[name].value))}")
+            text, unit = rate_and_unit(opts[name].value[0], HASHLIMIT_SCALE)
+            out.append(f"{name} {text}")
     out.append(f"--hashlimit-burst {opts['--hashlimit-burst'].value}")
     if "--hashlimit-mode" in opts:
         modes = opts["--hashlimit-mode"].value
         out.append("--hashlimit-mode " + ",".join(m for m in _HL_MODES if m in modes))
     out.append(f"--hashlimit-name {opts['--hashlimit-name'].value}")
-    for name in ("--hashlimit-htable-size", "--hashlimit-htable-max",
-                 "--hashlimit-htable-gcinterval", "--hashlimit-htable-expire"):
-        if name in opts:
+    for name, default in (("--hashlimit-htable-size", 0), ("--hashlimit-htable-max", 0),
+                          ("--hashlimit-htable-gcinterval", 1000),
+                          ("--hashlimit-htable-expire", unit * 1000)):
+        if name in opts and opts[name].value != default:
             out.append(f"{name} {opts[name].value}")
     for name in ("--hashlimit-srcmask", "--hashlimit-dstmask"):
         if name in opts and opts[name].value != ctx.bits:
@@ -1042,8 +1073,8 @@ def _hashlimit_save(opts: Opts, ctx: Ctx) -> str:
 
 HASHLIMIT = Extension(
     "hashlimit", "match",
-    {"--hashlimit-upto": OptDef(_one(lambda s, c: parse_rate(s))),
-     "--hashlimit-above": OptDef(_one(lambda s, c: parse_rate(s))),
+    {"--hashlimit-upto": OptDef(_one(_hashlimit_rate)),
+     "--hashlimit-above": OptDef(_one(_hashlimit_rate)),
      "--hashlimit-burst": OptDef(_uint(10000, "burst")),
      "--hashlimit-mode": OptDef(_hl_mode),
      "--hashlimit-srcmask": OptDef(_uint(128, "mask")),

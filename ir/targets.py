@@ -67,12 +67,13 @@ def _reject_finalize(opts: Opts, ctx: Ctx) -> Opts:
 REJECT = Extension(
     "REJECT", "target", {"--reject-with": OptDef(_reject_with)},
     lambda o, c: f"--reject-with {o['--reject-with'].value}", _reject_finalize,
+    tables=frozenset({"filter"}),
 )
 
 # ---- LOG, NFLOG ----------------------------------------------------------------------------
 
-LOG_LEVELS = {"emerg": 0, "panic": 0, "alert": 1, "crit": 2, "err": 3, "error": 3,
-              "warning": 4, "warn": 4, "notice": 5, "info": 6, "debug": 7}
+LOG_LEVELS = {"emerg": 0, "panic": 0, "alert": 1, "crit": 2, "error": 3, "warning": 4,
+              "notice": 5, "info": 6, "debug": 7}
 _LOG_FLAGS = ("--log-tcp-sequence", "--log-tcp-options", "--log-ip-options", "--log-uid",
               "--log-macdecode")
 
@@ -89,11 +90,11 @@ def _log_level(args: tuple[str, ...], ctx: Ctx) -> int:
 
 def _log_prefix(args: tuple[str, ...], ctx: Ctx) -> str:
     s = args[0]
-    if len(s) > 29:
-        raise fail("Maximum prefix length 29 for --log-prefix")
     if not s:
         raise fail("No prefix specified for --log-prefix")
-    return s
+    if "\n" in s:
+        raise fail("Newlines not allowed in --log-prefix")
+    return s[:29]  # truncated to the kernel's buffer, as xtables does
 
 
 def _log_save(opts: Opts, ctx: Ctx) -> str:
@@ -121,19 +122,16 @@ def _nflog_save(opts: Opts, ctx: Ctx) -> str:
         out.append(f"--nflog-prefix {save_string(str(opts['--nflog-prefix'].value))}")
     if "--nflog-group" in opts and opts["--nflog-group"].value != 0:
         out.append(f"--nflog-group {opts['--nflog-group'].value}")
-    for name in ("--nflog-size", "--nflog-range"):
+    for name in ("--nflog-range", "--nflog-size"):
         if name in opts:
-            out.append(f"--nflog-size {opts[name].value}")
-            break
+            out.append(f"{name} {opts[name].value}")
     if "--nflog-threshold" in opts and opts["--nflog-threshold"].value != 1:
         out.append(f"--nflog-threshold {opts['--nflog-threshold'].value}")
     return " ".join(out)
 
 
 def _prefix64(args: tuple[str, ...], ctx: Ctx) -> str:
-    if len(args[0]) > 63:
-        raise fail("--nflog-prefix too long, max 63 characters")
-    return args[0]
+    return args[0][:63]  # truncated to the kernel's buffer, as xtables does
 
 
 NFLOG = Extension(
@@ -221,8 +219,6 @@ def _events(args: tuple[str, ...], ctx: Ctx) -> str:
 
 
 def _ct_finalize(opts: Opts, ctx: Ctx) -> Opts:
-    if "--notrack" in opts and len(opts) > 1:
-        raise fail("CT: You must specify --notrack alone")
     return opts
 
 

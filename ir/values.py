@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from bpfilter.ir.model import PortRange, Prefix
 
@@ -118,20 +119,18 @@ def format_port_range(r: PortRange) -> str:
     return str(r.lo) if r.lo == r.hi else f"{r.lo}:{r.hi}"
 
 
+_DOTTED = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})").fullmatch
+
+
 def _ipv4(text: str) -> int:
-    parts = text.split(".")
-    # inet_aton-style shorthands are refused; iptables resolves only dotted quads here.
-    if len(parts) != 4:
+    # Only dotted quads: inet_aton-style shorthands and host names are refused here.
+    m = _DOTTED(text)
+    if m is None:
         raise ValueError
-    n = 0
-    for p in parts:
-        if not p.isdigit() or len(p) > 3:
-            raise ValueError
-        v = int(p)
-        if v > 255:
-            raise ValueError
-        n = (n << 8) | v
-    return n
+    a, b, c, d = map(int, m.groups())
+    if a > 255 or b > 255 or c > 255 or d > 255:
+        raise ValueError
+    return (a << 24) | (b << 16) | (c << 8) | d
 
 
 def parse_address(text: str, bits: int) -> int:

@@ -16,9 +16,11 @@ MATCH_FEATURES: tuple[str, ...] = (
     "tcp", "udp", "explicit_m_proto", "tcp_flags", "syn", "multiport", "icmp", "conntrack",
     "state", "comment", "comment_odd_chars", "comment_long", "limit", "mark", "length",
     "pkttype", "addrtype", "iprange", "mac", "ttl", "dscp", "tos", "connmark", "statistic",
+    "tcp_option", "recent", "hashlimit", "connlimit", "owner",
 )
 TARGET_FEATURES: tuple[str, ...] = (
     "jump", "goto", "return", "reject", "log", "nflog", "mark_target", "no_target",
+    "mangle_targets", "nat_targets",
 )
 STRUCTURE_FEATURES: tuple[str, ...] = (
     "user_chains", "policy", "omit_builtin", "insert", "new_chain_cmd", "policy_cmd",
@@ -383,6 +385,41 @@ class _Gen:
             else:
                 out.append(("-m", "statistic", "--mode", "random", "--probability",
                             r.choice(["0.5", "0.25", "0.1", "0.75"])))
+        if proto == "tcp" and self.on("tcp_option", 0.05):
+            out.append(("-m", "tcp", *self.bang(), "--tcp-option", str(r.randrange(1, 256))))
+        if self.on("recent", 0.03):
+            name = r.choice(["ssh", "badguys", "DEFAULT"])
+            if r.random() < 0.4:
+                out.append(("-m", "recent", "--name", name, r.choice(["--set", "--remove"])))
+            else:
+                clause = ["-m", "recent", "--name", name, r.choice(["--rcheck", "--update"])]
+                if r.random() < 0.7:
+                    clause += ["--seconds", str(r.randrange(1, 3600))]
+                if r.random() < 0.5:
+                    clause += ["--hitcount", str(r.randrange(1, 20))]
+                if r.random() < 0.3:
+                    clause.append("--rsource" if r.random() < 0.5 else "--rdest")
+                out.append(tuple(clause))
+        if self.on("hashlimit", 0.03):
+            clause = ["-m", "hashlimit", r.choice(["--hashlimit-upto", "--hashlimit-above"]),
+                      f"{r.randrange(1, 1000)}/{r.choice(['sec', 'min', 'hour'])}",
+                      "--hashlimit-name", f"hl{r.randrange(100)}"]
+            if r.random() < 0.6:
+                clause += ["--hashlimit-mode", ",".join(r.sample(
+                    ["srcip", "dstip", "srcport", "dstport"], r.randrange(1, 3)))]
+            if r.random() < 0.4:
+                clause += ["--hashlimit-burst", str(r.randrange(1, 100))]
+            out.append(tuple(clause))
+        if self.on("connlimit", 0.03):
+            clause = ["-m", "connlimit", r.choice(["--connlimit-above", "--connlimit-upto"]),
+                      str(r.randrange(1, 100))]
+            if r.random() < 0.5:
+                clause += ["--connlimit-mask", str(r.randrange(129 if self.v6 else 33))]
+            out.append(tuple(clause))
+        # xt_owner only sees a socket on the way out of the host.
+        if chain in ("OUTPUT", "POSTROUTING") and self.on("owner", 0.1):
+            out.append(("-m", "owner", *self.bang(), r.choice(["--uid-owner", "--gid-owner"]),
+                        str(r.choice([0, 1, 1000, 65534]))))
         if self.on("comment", 0.2):
             out.append(("-m", "comment", "--comment", self.comment()))
         return out
@@ -410,8 +447,13 @@ class _Gen:
             choices += ["MARK"] * 3
         if table == "raw":
             choices += ["NOTRACK", "CT"]
+        if table == "mangle" and "mangle_targets" in f:
+            choices += ["DSCP", "TOS", "TTL", "CONNMARK", "CHECKSUM"]
+            if proto == "tcp" and chain in ("FORWARD", "OUTPUT", "POSTROUTING"):
+                choices += ["TCPMSS"] * 3
         if table == "nat":
-            choices = ["ACCEPT", "RETURN", "nat"] + (["jump"] if jumpable else [])
+            choices = ["ACCEPT", "RETURN"] + (["jump"] if jumpable else [])
+            choices += ["nat"] * 3 if "nat_targets" in f else []
         pick = r.choice(choices)
         if pick in ("jump", "goto"):
             dest = r.choice(jumpable)
@@ -443,9 +485,31 @@ class _Gen:
                     f"0x{r.randrange(1 << 16):x}")
         if pick == "NOTRACK":
             return ("-j", "NOTRACK")
+        if pick == "DSCP":
+            return ("-j", "DSCP", "--set-dscp", str(r.randrange(64)))
+        if pick == "TOS":
+            return ("-j", "TOS", "--set-tos", r.choice(["0x10", "0x08/0x3f", "Minimize-Cost"]))
+        if pick == "TTL":
+            if self.v6:
+                return ("-j", "HL", r.choice(["--hl-set", "--hl-inc", "--hl-dec"]),
+                        str(r.randrange(1, 64)))
+            return ("-j", "TTL", r.choice(["--ttl-set", "--ttl-inc", "--ttl-dec"]),
+                    str(r.randrange(1, 64)))
+        if pick == "CONNMARK":
+            return r.choice([("-j", "CONNMARK", "--save-mark"),
+                             ("-j", "CONNMARK", "--restore-mark", "--mask", "0xff"),
+                             ("-j", "CONNMARK", "--set-mark", f"0x{r.randrange(1 << 16):x}")])
+        if pick == "CHECKSUM":
+            return ("-j", "CHECKSUM", "--checksum-fill")
+        if pick == "TCPMSS":
+            return r.choice([("-j", "TCPMSS", "--clamp-mss-to-pmtu"),
+                             ("-j", "TCPMSS", "--set-mss", str(r.randrange(536, 1461)))])
         if pick == "CT":
             return ("-j", "CT", "--notrack")
         if pick == "nat":
+            if chain in ("PREROUTING", "OUTPUT") and proto in ("tcp", "udp") and \
+                    r.random() < 0.3:
+                return ("-j", "REDIRECT", "--to-ports", str(r.choice(self.ports)))
             if chain in ("PREROUTING", "OUTPUT"):
                 dst = r.choice(self.hosts)
                 dest = f"[{dst}]" if self.v6 else dst
@@ -506,6 +570,9 @@ class _Gen:
                     "-s", "-d", "-i", "-o", "!", "-f") or not proto_clauses else r.randrange(
                     len(proto_clauses), len(clauses) + 1), clause)
             target = self.target(name, chain, proto, jumpable)
+            if target[1:2] == ("TCPMSS",):
+                # The kernel takes TCPMSS only in rules that match SYN packets alone.
+                clauses.append(("-m", "tcp", "--tcp-flags", "SYN,RST", "SYN"))
             command, position = "-A", None
             if self.on("insert", 0.1):
                 command = "-I"

@@ -15,14 +15,21 @@ from bpfilter.ir.targets import TARGETS
 
 # Files about the core options rather than one extension.
 CORE_FILES = {"iptables", "libipt_standard"}
+# Where the *.t files (iptables 1.8.13) and the iptables-save this project matches (1.8.9,
+# the version the real-world goldens and the property test use) print differently.
+SAVED_BY_1_8_9 = {
+    # 1.8.9 prints nothing for an empty interface mask, even when negated.
+    ("iptables.t", "! -i +"): "",
+}
 
 
-def _extension(path: Path) -> tuple[str, int]:
+def _extension(path: Path) -> tuple[str, tuple[int, ...]]:
+    """Extension name and the families upstream runs the file with (libxt_: both)."""
     stem = path.stem
-    for prefix, family in (("libipt_", 4), ("libip6t_", 6), ("libxt_", 4)):
+    for prefix, families in (("libipt_", (4,)), ("libip6t_", (6,)), ("libxt_", (4, 6))):
         if stem.startswith(prefix):
-            return stem[len(prefix):], family
-    return stem, 4
+            return stem[len(prefix):], families
+    return stem, (4,)
 
 
 def supported(path: Path) -> bool:
@@ -37,22 +44,29 @@ def cases(shared: Path) -> list[tuple[str, str, int, str, str, str, str]]:
     for path in sorted(folder.glob("*.t")):
         if not supported(path):
             continue
-        _, family = _extension(path)
-        chains, table = ["INPUT"], "filter"
-        for line in path.read_text().splitlines():
-            if not line or line[0] in "#@%":
-                continue
-            if line[0] == ":":
-                chains = line[1:].split(",")
-                continue
-            if line[0] == "*":
-                table = line[1:]
-                continue
-            parts = line.split(";")
-            if len(parts) < 3 or parts[2] not in ("OK", "FAIL"):
-                continue
-            for chain in chains:
-                out.append((path.name, table, family, chain, parts[0], parts[1], parts[2]))
+        _, families = _extension(path)
+        for family in families:
+            out.extend(_file_cases(path, family))
+    return out
+
+
+def _file_cases(path: Path, family: int) -> list[tuple[str, str, int, str, str, str, str]]:
+    out = []
+    chains, table = ["INPUT"], "filter"
+    for line in path.read_text().splitlines():
+        if not line or line[0] in "#@%":
+            continue
+        if line[0] == ":":
+            chains = line[1:].split(",")
+            continue
+        if line[0] == "*":
+            table = line[1:]
+            continue
+        parts = line.split(";")
+        if len(parts) < 3 or parts[2] not in ("OK", "FAIL"):
+            continue
+        for chain in chains:
+            out.append((path.name, table, family, chain, parts[0], parts[1], parts[2]))
     return out
 
 
@@ -71,7 +85,10 @@ def test_every_ok_line_prints_as_upstream_expects(shared_dir: Path) -> None:
         if result != "OK":
             continue
         total += 1
-        want = f"-A {chain} {rule if expected == '=' else expected}".strip()
+        if expected == "=":
+            expected = rule
+        expected = SAVED_BY_1_8_9.get((file, rule), expected)
+        want = f"-A {chain} {expected}".strip()
         try:
             got = run_case(table, family, chain, rule)
         except ParseError as e:
@@ -79,7 +96,7 @@ def test_every_ok_line_prints_as_upstream_expects(shared_dir: Path) -> None:
             continue
         if got != [want]:
             failures.append(f"{file}: {rule!r}: got {got}, want {want!r}")
-    assert total > 500
+    assert total > 1000
     assert not failures, "\n".join(failures)
 
 
@@ -95,7 +112,7 @@ def test_every_fail_line_is_refused(shared_dir: Path) -> None:
         except ParseError:
             continue
         accepted.append(f"{file}: {rule!r} in {chain} accepted as {got}")
-    assert total > 200
+    assert total > 400
     assert not accepted, "\n".join(accepted)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from iptgen import GenOptions, generate
 
@@ -205,7 +205,9 @@ def check_input(text: str, family: int) -> object | None:
                 assert err.exit_code in (1, 2, 4), err.exit_code
                 assert str(err).startswith(f"fuzz.rules:{err.line}:"), str(err)
                 assert err.message and "\n" not in err.message, repr(err.message)
+                event(f"refused, exit {err.exit_code}")
                 return None
+            event("accepted")
             assert is_dataclass(result), type(result)
             printed = to_iptables_save(result)
             assert isinstance(printed, str)

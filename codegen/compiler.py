@@ -1,0 +1,443 @@
+"""Rules -> eBPF netfilter programs: one per (table, built-in chain), iptables' exact verdicts.
+
+Layout of one program (all jumps between labels; verdicts are emitted in place, so a jump
+never crosses more than one rule and 16-bit offsets always suffice):
+
+- ``main``: the netfilter prologue (flavor_netfilter) fills the meta area (R7 points at it),
+  then calls the parts of the built-in chain in order, then counts and returns the policy;
+- ``part_N``: a run of the built-in chain's rules, each ``tests -> count -> action``, a
+  failing test jumping to the label after the rule. Parts are *global* BPF functions: the
+  verifier checks each once, on its own, which bounds the states it keeps pending (it gives
+  up past 8192) however long the chain;
+- ``chain_N``: every user chain reachable from the built-in chain, once, also global:
+  ``chain(meta) -> DROP | ACCEPT | CONTINUE``. ``-j X`` calls X and goes on with the next
+  rule on CONTINUE; ``-g X`` calls X and passes its answer up unchanged, so a RETURN in X
+  continues in the caller of the chain that did the goto (in the built-in chain: the
+  policy); RETURN and falling off the end of a user chain answer CONTINUE;
+  A user chain too long for one function becomes a wrapper calling its parts in turn;
+- ``count(index, meta)``: the per-rule counter update (per-CPU array map, atomic adds),
+  global as well, so it is verified once and not at every rule.
+
+BPF allows 8 nested frames: main, a part, the counter, and so ``MAX_CHAIN_DEPTH`` nested
+user chains (a split user chain takes two). Instructions no path reaches are dropped (the
+verifier refuses them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+from bpfilter.codegen import asm
+from bpfilter.codegen import flavor_netfilter as nf
+from bpfilter.codegen.asm import Label
+from bpfilter.codegen.insn import CALL, EXIT, R0, R1, R2, R7, Insn
+from bpfilter.codegen.matchers import HEADER, MATCHERS, Emitter, header_fields
+from bpfilter.codegen.opcodes import CLASS_MASK, OP_MASK, Class, JmpOp, PseudoCall
+from bpfilter.codegen.spec import MapSpec
+from bpfilter.codegen.uapi import MapType, NfHook, NfPriority, NfProto, NfVerdict
+from bpfilter.ir.model import Chain, Family, Match, Ruleset, Table, TargetKind
+from bpfilter.ir.model import Rule as IrRule
+
+COUNTERS = "counters"  # the counter map's name (and the symbol code refers to it by)
+COUNTER_VALUE = 16  # struct { u64 packets; u64 bytes; } per CPU
+MAX_CHAIN_DEPTH = 5  # 8 BPF call frames - main - a part of the built-in chain - the counter
+PART_BRANCHES = 2048  # conditional branches per part of a built-in chain (verifier: 8192)
+COUNT_FUNC = "func:count"
+_JMP_CLASSES = (Class.JMP, Class.JMP32)
+MAIN_FUNC = "func:main"
+
+HOOKS: dict[str, dict[str, NfHook]] = {
+    "filter": {"INPUT": NfHook.LOCAL_IN, "FORWARD": NfHook.FORWARD, "OUTPUT": NfHook.LOCAL_OUT},
+    "raw": {"PREROUTING": NfHook.PRE_ROUTING, "OUTPUT": NfHook.LOCAL_OUT},
+}
+PRIORITY = {"filter": int(NfPriority.FILTER), "raw": int(NfPriority.RAW)}
+VERDICT_TARGETS = {"ACCEPT": NfVerdict.ACCEPT, "DROP": NfVerdict.DROP}
+
+
+class CompileError(ValueError):
+    """A ruleset (or one rule of it) that cannot be compiled; names the input line."""
+
+    def __init__(self, line: int, message: str) -> None:
+        self.line = line
+        self.reason = message
+        super().__init__(f"line {line}: {message}")
+
+
+class RuleRef(NamedTuple):
+    """Where a counter index comes from. ``position`` counts rules from 1 as iptables does;
+    position 0 is the policy of a built-in chain."""
+
+    table: str
+    chain: str
+    position: int
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledProgram:
+    """One netfilter program: where it attaches and its code (kernel offsets unresolved)."""
+
+    name: str
+    table: str
+    chain: str
+    hook: NfHook
+    pf: NfProto
+    priority: int
+    items: tuple[nf.Item, ...]
+    needs: nf.Needs
+    rule_labels: tuple[tuple[str, int], ...]  # (label at a rule's first insn, counter index)
+    funcs: tuple[tuple[str, str, nf.FuncKind], ...]  # (entry label, BTF name, signature)
+    kfuncs: tuple[str, ...] = ("bpf_dynptr_from_skb",)
+
+    def code(self, layout: nf.KernelLayout) -> list[Insn | Label]:
+        """Instructions and labels ready for the link pass."""
+        return layout.resolve(self.items)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRuleset:
+    """Everything needed to load a ruleset for one family."""
+
+    family: int
+    programs: tuple[CompiledProgram, ...]
+    rule_index: Mapping[int, RuleRef]
+    maps: tuple[MapSpec, ...] = field(default=())
+
+    @property
+    def needs_conntrack(self) -> bool:
+        return any(p.needs.conntrack for p in self.programs)
+
+    def program(self, hook: NfHook, table: str = "filter") -> CompiledProgram | None:
+        """The program of ``table`` at ``hook``; None when that chain needs none."""
+        for p in self.programs:
+            if p.hook == hook and p.table == table:
+                return p
+        return None
+
+
+def compile_ruleset(ruleset: Ruleset, family: int = 4) -> CompiledRuleset:
+    """Compile the filter and raw tables of ``ruleset`` for IPv4 (4) or IPv6 (6).
+
+    Raises CompileError naming the line of the first table, rule, match or target that this
+    compiler does not support; nothing is silently left out.
+    """
+    if family not in (4, 6):
+        raise ValueError(f"family must be 4 or 6, not {family}")
+    want = Family.IP if family == 4 else Family.IP6
+    index: dict[int, RuleRef] = {}
+    numbering: dict[tuple[str, str], int] = {}  # (table, chain) -> index of its first rule
+    tables = []
+    for table in ruleset.tables:
+        if table.family != want:
+            raise CompileError(table.line, f"table '{table.name}' is {table.family.value}, "
+                               f"not IPv{family}")
+        if table.name not in HOOKS:
+            raise CompileError(table.line, f"table '{table.name}' is not supported")
+        tables.append(table)
+        for chain in table.chains:
+            _check_chain(table, chain, family)
+            numbering[(table.name, chain.name)] = len(index)
+            if chain.is_base:
+                index[len(index)] = RuleRef(table.name, chain.name, 0, chain.line)
+            for pos, rule in enumerate(chain.rules, 1):
+                index[len(index)] = RuleRef(table.name, chain.name, pos, rule.line)
+    programs = []
+    for table in tables:
+        for chain in table.chains:
+            if not chain.is_base:
+                continue
+            hook = HOOKS[table.name].get(chain.name)
+            if hook is None:
+                raise CompileError(chain.line, f"chain '{chain.name}' is not a built-in chain "
+                                   f"of table '{table.name}'")
+            if not chain.rules and chain.policy == "ACCEPT":
+                continue
+            programs.append(_Program(table, chain, hook, family, numbering).build())
+    counters = MapSpec(COUNTERS, MapType.PERCPU_ARRAY, 4, COUNTER_VALUE, max(1, len(index)))
+    return CompiledRuleset(family, tuple(programs), index, (counters,))
+
+
+def _check_chain(table: Table, chain: Chain, family: int) -> None:
+    if chain.is_base and chain.policy not in VERDICT_TARGETS:
+        raise CompileError(chain.line, f"policy '{chain.policy}' of chain '{chain.name}' is "
+                           "not supported")
+    for rule in chain.rules:
+        for name in header_fields(rule):
+            why = HEADER[name].refusal(_NO_MATCH, family)
+            if why is not None:
+                raise CompileError(rule.line, why)
+        for m in rule.matches:
+            matcher = MATCHERS.get(m.kind)
+            why = (f"match '{m.kind}' is not supported" if matcher is None
+                   else matcher.refusal(m, family))
+            if why is not None:
+                raise CompileError(rule.line, why)
+        t = rule.target
+        if t is None:
+            continue
+        if t.kind is TargetKind.VERDICT:
+            if t.name not in VERDICT_TARGETS and t.name != "RETURN":
+                raise CompileError(rule.line, f"target '{t.name}' is not supported")
+        elif t.kind in (TargetKind.JUMP, TargetKind.GOTO):
+            callee = table.chain(t.name)
+            if callee is None or callee.is_base:
+                raise CompileError(rule.line, f"chain '{t.name}' is not a user chain of "
+                                   f"table '{table.name}'")
+        else:
+            raise CompileError(rule.line, f"target '{t.name}' is not supported")
+
+
+_NO_MATCH = Match("")  # header fields have no options to check
+
+
+@dataclass(slots=True)
+class _Program:
+    table: Table
+    base: Chain
+    hook: NfHook
+    family: int
+    numbering: Mapping[tuple[str, str], int]
+    items: list[nf.Item] = field(default_factory=list)
+    rule_labels: list[tuple[str, int]] = field(default_factory=list)
+    funcs: list[tuple[str, str, nf.FuncKind]] = field(default_factory=list)
+
+    def build(self) -> CompiledProgram:
+        chains = self._reachable()
+        needs = _needs(r for c in (self.base, *chains) for r in c.rules)
+        base_parts = [f"part:{i}" for i in range(len(self._parts(self.base)))]
+        self._function(MAIN_FUNC, "bpfilter_main", nf.FuncKind.MAIN)
+        self.items.extend(nf.prologue(self.family, needs))
+        self._call_parts(base_parts, "main:policy")
+        self.items.append(Label("main:policy"))
+        self.items.extend(self._policy())
+        self._emit_parts(self.base, base_parts, "part")
+        for n, chain in enumerate(chains):
+            label = _func(chain.name)
+            parts = self._parts(chain)
+            if len(parts) == 1:
+                self._global(label, f"chain_{n}", f"chain {chain.name}")
+                first = self.numbering[(self.table.name, chain.name)]
+                for pos, rule in enumerate(chain.rules, 1):
+                    self._rule(chain, pos, rule, first + pos - 1, False)
+                self.items.extend(nf.verdict(nf.RET_CONTINUE, f"end of {chain.name}: RETURN"))
+                continue
+            # A long user chain: a wrapper calling its parts; RETURN in a part leaves them all.
+            labels = [f"{label}:part{j}" for j in range(len(parts))]
+            self._global(label, f"chain_{n}", f"chain {chain.name}")
+            self._call_parts(labels, f"{label}:return")
+            self.items.append(Label(f"{label}:return"))
+            self.items.extend(nf.verdict(nf.RET_CONTINUE, f"end of {chain.name}: RETURN"))
+            self._emit_parts(chain, labels, f"chain_{n}_part")
+        self._function(COUNT_FUNC, "count", nf.FuncKind.COUNT)
+        self.items.extend(nf.counter_subprog(COUNT_FUNC, COUNTERS)[1:])
+        items, live = live_code(self.items)
+        pf = NfProto.IPV4 if self.family == 4 else NfProto.IPV6
+        name = f"{self.table.name}_{self.base.name}{self.family}"[:15]
+        return CompiledProgram(name, self.table.name, self.base.name, self.hook, pf,
+                               PRIORITY[self.table.name], tuple(items), needs,
+                               tuple(self.rule_labels),
+                               tuple(f for f in self.funcs if f[0] in live))
+
+    def _call_parts(self, labels: list[str], on_return: str) -> None:
+        """Call each part in turn: CONTINUE goes on, RETURN jumps to ``on_return``, a verdict
+        leaves the function."""
+        for label in labels:
+            nxt = f"{label}:next"
+            self.items.extend([
+                asm.mov64(R1, R7), asm.call_local(label),
+                asm.jmp("jeq", R0, nf.RET_CONTINUE, nxt),
+                asm.jmp("jgt", R0, NfVerdict.ACCEPT, on_return),  # RET_RETURN
+                asm.exit_(), Label(nxt)])
+
+    def _emit_parts(self, chain: Chain, labels: list[str], btf_prefix: str) -> None:
+        first = self.numbering[(self.table.name, chain.name)] + (1 if chain.is_base else 0)
+        for j, ((lo, hi), label) in enumerate(zip(self._parts(chain), labels, strict=True)):
+            self._global(label, f"{btf_prefix}_{j}", f"{chain.name} rules {lo + 1}-{hi}")
+            for pos in range(lo + 1, hi + 1):
+                self._rule(chain, pos, chain.rules[pos - 1], first + pos - 1, True)
+            self.items.extend(nf.verdict(nf.RET_CONTINUE, "end of part"))
+
+    def _function(self, label: str, btf_name: str, kind: nf.FuncKind) -> None:
+        self.funcs.append((label, btf_name, kind))
+        self.items.append(Label(label))
+
+    def _global(self, label: str, btf_name: str, what: str) -> None:
+        """Entry of a global function taking the meta pointer (which BTF says may be NULL)."""
+        self._function(label, btf_name, nf.FuncKind.GLOBAL)
+        self.items.extend([
+            asm.jmp("jne", R1, 0, f"{label}:body", comment=what),
+            *nf.verdict(nf.RET_CONTINUE),
+            Label(f"{label}:body"),
+            asm.mov64(R7, R1, comment="r7 = meta"),
+        ])
+
+    def _parts(self, chain: Chain) -> list[tuple[int, int]]:
+        """Split a chain into runs of rules (lo, hi], each verified as one global function:
+        the verifier keeps one pending state per branch to the next rule until it has walked
+        the rest of the function, and gives up past 8192 of them."""
+        parts: list[tuple[int, int]] = []
+        lo = cost = 0
+        for pos, rule in enumerate(chain.rules, 1):
+            cost += _branch_cost(rule)
+            if cost > PART_BRANCHES and pos - 1 > lo:
+                parts.append((lo, pos - 1))
+                lo, cost = pos - 1, _branch_cost(rule)
+        if lo < len(chain.rules) or not parts:
+            parts.append((lo, len(chain.rules)))
+        return parts
+
+    def _reachable(self) -> list[Chain]:
+        """User chains reachable from the base chain, each once, in first-call order; refuses
+        loops and calls nested deeper than the BPF call frames allow (a user chain takes one
+        frame, or two when it is long enough to be split into parts)."""
+        order: list[Chain] = []
+        depth: dict[str, int] = {}  # most frames used below and by a chain, once known
+        on_path: set[str] = set()
+
+        def visit(chain: Chain) -> int:
+            known = depth.get(chain.name)
+            if known is not None:
+                return known
+            on_path.add(chain.name)
+            deepest = 0
+            for rule in chain.rules:
+                t = rule.target
+                if t is None or t.kind not in (TargetKind.JUMP, TargetKind.GOTO):
+                    continue
+                if t.name in on_path:
+                    raise CompileError(rule.line, f"jump to chain '{t.name}' creates a loop")
+                callee = self.table.chain(t.name)
+                assert callee is not None  # checked by _check_chain
+                if callee.name not in depth:
+                    order.append(callee)
+                deepest = max(deepest, visit(callee))
+                if deepest > MAX_CHAIN_DEPTH:
+                    raise CompileError(rule.line, f"user chains nest deeper than "
+                                       f"{MAX_CHAIN_DEPTH} levels below {self.base.name} (a "
+                                       "chain split into parts counts twice)")
+            on_path.discard(chain.name)
+            own = 0 if chain.is_base else 1 if len(self._parts(chain)) == 1 else 2
+            depth[chain.name] = deepest + own
+            return deepest + own
+
+        visit(self.base)
+        return order
+
+    def _policy(self) -> list[nf.Item]:
+        policy = self.base.policy
+        assert policy is not None
+        index = self.numbering[(self.table.name, self.base.name)]
+        return [*_count(index), *nf.verdict(VERDICT_TARGETS[policy], f"policy {policy}")]
+
+    def _rule(self, chain: Chain, pos: int, rule: IrRule, index: int, in_base: bool) -> None:
+        prefix = f"{chain.name}#{pos}"
+        em = Emitter(self.family, prefix, f"{prefix}:next", f"{prefix}:hotdrop")
+        for name in header_fields(rule):
+            HEADER[name].emit(em, rule, None)
+        for m in rule.matches:
+            MATCHERS[m.kind].emit(em, rule, m)
+        em.emit(*_count(index))
+        em.emit(*_action(rule, em.fail, in_base, prefix))
+        if em.used_hotdrop:
+            em.emit(asm.ja(em.fail), Label(em.hotdrop),
+                    *nf.verdict(NfVerdict.DROP, "hot drop (as iptables' hotdrop)"))
+        em.emit(Label(em.fail))
+        start = f"rule:{index}"
+        self.rule_labels.append((start, index))
+        self.items.append(Label(start))
+        self.items.extend(_annotate(em.items, f"line {rule.line}: {chain.name} rule {pos}"))
+
+
+def _action(rule: IrRule, next_rule: str, in_base: bool, prefix: str) -> list[nf.Item]:
+    """The target, inside a part of the built-in chain (``in_base``) or a user chain.
+
+    Called chains answer DROP, ACCEPT or CONTINUE (RETURN, or the end of the chain): a jump
+    goes on with the next rule on CONTINUE; a goto hands the answer up unchanged, so the
+    chain that did the goto answers as the goto'd chain did (in the built-in chain: CONTINUE
+    becomes the policy).
+    """
+    t = rule.target
+    if t is None:
+        return []
+    if t.kind is TargetKind.VERDICT:
+        if t.name == "RETURN":
+            return nf.verdict(nf.RET_RETURN if in_base else nf.RET_CONTINUE, "RETURN")
+        return nf.verdict(VERDICT_TARGETS[t.name], t.name)
+    call: list[nf.Item] = [asm.mov64(R1, R7), asm.call_local(_func(t.name),
+                                                              comment=f"-> {t.name}")]
+    if t.kind is TargetKind.JUMP:
+        return [*call, asm.jmp("jeq", R0, nf.RET_CONTINUE, next_rule), asm.exit_()]
+    if not in_base:
+        return [*call, asm.exit_()]
+    policy = f"{prefix}:goto_policy"
+    return [*call, asm.jmp("jeq", R0, nf.RET_CONTINUE, policy), asm.exit_(),
+            Label(policy), *nf.verdict(nf.RET_RETURN, "policy")]
+
+
+def _branch_cost(rule: IrRule) -> int:
+    """A generous bound on the conditional branches a rule's tests emit."""
+    cost = 2 + 4 * len(header_fields(rule))
+    for m in rule.matches:
+        cost += 4 + sum(len(o.value) if isinstance(o.value, tuple) else 2 for o in m.options)
+    return cost
+
+
+def _func(chain: str) -> str:
+    return f"chain:{chain}"
+
+
+def _count(index: int) -> list[nf.Item]:
+    return [asm.mov64(R1, index), asm.mov64(R2, R7), asm.call_local(COUNT_FUNC)]
+
+
+def _needs(rules: Iterator[IrRule]) -> nf.Needs:
+    needs = nf.Needs()
+    for rule in rules:
+        for name in header_fields(rule):
+            needs |= HEADER[name].needs
+        for m in rule.matches:
+            needs |= MATCHERS[m.kind].needs_for(m)
+    return needs
+
+
+def _annotate(items: list[nf.Item], comment: str) -> list[nf.Item]:
+    for i, it in enumerate(items):
+        if isinstance(it, Insn):
+            items[i] = replace(it, comment=comment)
+            break
+    return items
+
+
+def live_code(items: Sequence[nf.Item]) -> tuple[list[nf.Item], set[str]]:
+    """Drop the instructions no path from the entry reaches (rules after an unconditional
+    verdict, the policy behind one, tests that can never hold): the verifier refuses
+    unreachable instructions. Labels stay, so the link pass still finds every target; the
+    second result names the labels some path reaches (functions still called)."""
+    where = {it.name: i for i, it in enumerate(items) if isinstance(it, Label)}
+    n = len(items)
+    live = bytearray(n)
+    todo = [0]
+    while todo:
+        i = todo.pop()
+        while i < n and not live[i]:
+            live[i] = 1
+            it = items[i]
+            if type(it) is not Insn:
+                i += 1
+                continue
+            op = it.opcode
+            if op == EXIT:
+                break
+            ref = it.ref
+            # A reference on a JMP/JMP32 instruction is a jump or a local call target (kfunc
+            # calls and map loads carry names too, but are not jumps).
+            if ref is not None and op & CLASS_MASK in _JMP_CLASSES and (
+                    op != CALL or it.src == PseudoCall.CALL):
+                todo.append(where[ref])
+                if op & OP_MASK == JmpOp.JA:
+                    break
+            i += 1
+    reached = {it.name for i, it in enumerate(items) if live[i] and isinstance(it, Label)}
+    return [it for i, it in enumerate(items) if live[i] or isinstance(it, Label)], reached

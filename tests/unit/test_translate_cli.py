@@ -1,0 +1,70 @@
+"""`bpfilter translate`: canonical text or JSON on stdout, restore's errors and exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bpfilter.cli import main
+
+GOOD = "*filter\n:INPUT DROP [0:0]\n-A INPUT -s 10.1.2.3/8 -p tcp --dport ssh -j ACCEPT\nCOMMIT\n"
+
+
+def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str],
+        stdin: str = "") -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+    rc = main(["translate", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_stdin_to_canonical_text(monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(monkeypatch, capsys, [], GOOD)
+    assert rc == 0 and err == ""
+    assert out == ("*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+                   "-A INPUT -s 10.0.0.0/8 -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n")
+    assert run(monkeypatch, capsys, ["-"], GOOD)[1] == out
+
+
+def test_file_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "rules.v4"
+    f.write_text(GOOD)
+    rc, out, _ = run(monkeypatch, capsys, ["--to", "json", str(f)])
+    assert rc == 0 and json.loads(out)["tables"][0]["name"] == "filter"
+
+
+def test_ip6tables(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(monkeypatch, capsys, ["--from", "ip6tables"],
+                     "*filter\n-A INPUT -s 2001:db8::1 -j DROP\nCOMMIT\n")
+    assert rc == 0 and "-A INPUT -s 2001:db8::1/128 -j DROP" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "rc", "where", "what"),
+    [
+        ("*filter\n-A INPUT -p tcp --dport 99999 -j ACCEPT\nCOMMIT\n", 2, "rules:2:",
+         "invalid port/service"),
+        ("*filter\n-A NOPE -j ACCEPT\nCOMMIT\n", 1, "rules:2:", "line 2 failed"),
+        ("*filter\n-A INPUT -j ACCEPT\n", 1, "rules:3:", "COMMIT expected at line 3"),
+    ],
+)
+def test_errors_go_to_stderr_with_location_and_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    text: str, rc: int, where: str, what: str,
+) -> None:
+    f = tmp_path / "rules"
+    f.write_text(text)
+    got_rc, out, err = run(monkeypatch, capsys, [str(f)])
+    assert (got_rc, out) == (rc, "")
+    assert f"{f.parent}/{where}" in err and what in err
+
+
+def test_missing_file(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(monkeypatch, capsys, ["/nonexistent/rules"])
+    assert rc == 1 and out == "" and "can't open" in err
