@@ -9,7 +9,7 @@ from typing import Any
 from bpfilter.grammar.errors import ParseError
 from bpfilter.grammar.iptables import parse_restore
 from bpfilter.ir.iptables_save import to_iptables_save
-from bpfilter.ir.json import to_json
+from bpfilter.ir.json import iter_json
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -46,6 +46,14 @@ def run(args: argparse.Namespace) -> int:
     except ParseError as e:
         print(f"bpfilter translate: {e}", file=sys.stderr)
         return e.exit_code
-    out = to_json(ruleset) if args.dest == "json" else to_iptables_save(ruleset)
-    sys.stdout.write(out)
+    try:
+        if args.dest == "json":
+            sys.stdout.writelines(iter_json(ruleset))
+        else:
+            sys.stdout.write(to_iptables_save(ruleset))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`); say nothing more, as cat and iptables-save do.
+        sys.stdout = None
+        return 1
     return 0

@@ -4,8 +4,9 @@ Every generated function sees the packet through one *meta area* on the main pro
 (register R7 points at it): the IP header, the first bytes of the transport header, device
 names, mark, conntrack state and a few derived numbers. The prologue fills it once per packet
 with ``bpf_dynptr_from_skb`` + ``bpf_dynptr_read`` and loads from the kernel structures
-``bpf_nf_ctx``, ``nf_hook_state``, ``net_device`` and ``sk_buff``; rule code then only reads
-the stack, so user chains can be plain BPF-to-BPF subprograms taking the meta pointer.
+``bpf_nf_ctx``, ``nf_hook_state``, ``net_device``, ``sk_buff`` (and ``nf_conn``); rule code
+then only reads the meta area, so chains can be global BPF functions taking its pointer (the
+BTF declaring them comes from ``func_btf``).
 
 Kernel struct offsets are not known to the pure code generator: loads of kernel fields are
 emitted as ``FieldLoad`` items and resolved against a ``KernelLayout`` (built from BTF by the
@@ -58,7 +59,7 @@ META_SIZE = 128
 # --- the main frame: meta area, dynptr, scratch -----------------------------------------------
 META = -META_SIZE  # R7 = FP + META
 DYNPTR = META - 16  # struct bpf_dynptr (16 bytes, 8-aligned)
-SCRATCH = DYNPTR - 8  # 4 bytes read while walking IPv6 extension headers
+SCRATCH = DYNPTR - 8  # IPv6 extension header bytes; nf_conn.status
 
 IPV4_HEADER = 20
 IPV6_HEADER = 40

@@ -393,6 +393,11 @@ class _Parser:
             return  # a line for the other family: iptables-restore skips it
         cmd = tpl.command
         chains = self.cur.chains
+        if tpl.cmd_args and cmd != "-P":
+            ci = tpl.cmd_args[0]
+            if len(texts[ci]) > CHAIN_NAME_MAX:
+                raise _ParamError(f"chain name `{texts[ci]}' too long (must be under "
+                                  f"{CHAIN_NAME_MAX + 1} chars)", cols[ci])
         if cmd in RULE_COMMANDS:
             ci = tpl.cmd_args[0]
             chain_name = texts[ci]

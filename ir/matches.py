@@ -22,6 +22,16 @@ from bpfilter.ir.values import (
 
 U32 = 0xFFFFFFFF
 
+# Option values in the IR (what parsers return and printers and code generators read):
+#   ports, port ranges, --length, --mss, --ctexpire, owner ids: PortRange(lo, hi)
+#   multiport lists: tuple[PortRange, ...]         addresses: Prefix (conntrack --ct*src/dst)
+#   --ctstate/--state/--ctstatus/addrtype types: int bit sets (CT_STATES, CT_STATUS, ADDR_TYPES)
+#   --tcp-flags: (mask, comparison) ints            --icmp[v6]-type: (type, code_lo, code_hi)
+#   --mark, MARK/CONNMARK --set-xmark: (value, mask)   --tos/--set-tos: (value, mask)
+#   --limit: period in 1/10000 s                     hashlimit rates: (period in us, unit in s)
+#   --iprange: (first, last) ints                    flags (--syn, --rsource, ...): True
+#   anything else: the int or str as given (canonicalised where iptables does)
+
 
 @dataclass(frozen=True, slots=True)
 class Ctx:

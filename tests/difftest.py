@@ -23,12 +23,18 @@ from iptgen import GenOptions, GenRule, GenRuleset, GenTable, generate
 
 from bpfilter import netns, testbed
 
-# How a verdict is observed (verified on Linux 6.18, see test_differential.py): packets are
-# sent as Ethernet frames on a veth from the sender namespace into the receiving one, where
-# every address of 198.18.0.0/15 and 2001:db8::/32 is local. A packet the LOCAL_IN hook
-# accepts is then handed to every matching raw socket (ip_local_deliver_finish and
-# ip6_input_finish run raw delivery after NF_INET_LOCAL_IN); a dropped one never is. Each
-# packet carries MAGIC, a per-run nonce and its tag, so delivered tags are the accepted set.
+# How verdicts are observed (each fact verified on Linux 6.18 by tests/e2e/test_differential.py):
+# - INPUT: probes are sent as Ethernet frames on a veth from the sender namespace into the
+#   receiver, where every address of 198.18.0.0/15 and 2001:db8::/32 is local. A packet the
+#   LOCAL_IN hook accepts is handed to every matching raw socket (ip_local_deliver_finish and
+#   ip6_input_finish run raw delivery after NF_INET_LOCAL_IN); a dropped one never is.
+# - FORWARD: probes with TOS FWD_TOS are routed on to a third ("far") namespace and seen by
+#   raw sockets there.
+# - OUTPUT: for established and related flows the receiver first sends the opening packet
+#   itself (raw socket, IP_HDRINCL); sendto() fails with EPERM when LOCAL_OUT drops it.
+# Each probe carries MAGIC, a per-batch nonce and its tag, so the tags seen are the accepted
+# set. Conntrack runs in the receiver whatever the ruleset (_CT_TABLE), and nothing the
+# receiver or the far side send themselves comes back as noise (_quiet_local).
 
 MAGIC = b"BPFd"
 PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMP6 = 6, 17, 1, 58
@@ -44,9 +50,15 @@ RX_IFACES = (testbed.IF_B, "eth1")
 TX_IFACES = (testbed.IF_A, "ethx1")
 NOBODY_MAC = "02:00:5e:ed:00:01"  # locally administered, on no interface
 OPEN_MARK = 0x5EED  # SO_MARK of flow-opening packets (routes them by TABLE_OPEN)
-TABLE_OPEN, TABLE_QUIET = 101, 102
+TABLE_OPEN, TABLE_QUIET, TABLE_FWD = 101, 102, 103
+# Forwarding: arriving packets with TOS FWD_TOS (DSCP 1; no other probe uses it) are routed
+# out of FWD_IFACE (in iptgen's pool, for -o) to FAR_IFACE in a third namespace.
+FWD_TOS = 0x04
+FWD_IFACE, FAR_IFACE = "eth0", "fwd-c"
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h; not exported by Python's socket module
 # Keep the test bed's own /24 and /48 out of packet addresses (their routes differ).
 BED_SUBNET = testbed.Subnet(200)
+FWD_HOP4, FWD_HOP6 = BED_SUBNET.ipv4(3), "fe80::3"  # next hop towards the far side
 NET4 = ipaddress.ip_network("198.18.0.0/15")
 NET6 = ipaddress.ip_network("2001:db8::/32")
 SETTLE = 0.03  # seconds without a new delivery after which a batch counts as complete
@@ -119,6 +131,7 @@ class Probe:
     # is ESTABLISHED; "related": the receiver first sends a datagram this ICMP error quotes.
     flow: str = "new"
     fragmented: bool = False  # sent as two fragments (reassembled before the hooks judge it)
+    forward: bool = False  # routed through the receiver (FORWARD) instead of delivered there
 
     def describe(self) -> str:
         """One line: enough to rebuild the packet by hand."""
@@ -133,6 +146,7 @@ class Probe:
             text += f" type {self.icmp_type} code {self.icmp_code}"
         mark = f" mark {self.mark:#x}" if self.mark else ""
         mark += " in 2 fragments" if self.fragmented else ""
+        mark += f" forwarded out {FWD_IFACE}" if self.forward else ""
         return (f"{text} len {len(self.packet(b'0000'))} ttl {self.ttl} tos {self.tos:#x}"
                 f"{mark} in {RX_IFACES[self.iface]} flow {self.flow}")
 
@@ -283,41 +297,23 @@ RAW_WITHOUT = frozenset({"user_chains", "jump", "goto", "insert", "new_chain_cmd
 
 def make_ruleset(seed: int, family: int, features: frozenset[str] = DIFF_FEATURES,
                  max_rules: int = 24) -> GenRuleset:
-    """The random ruleset for ``seed``: iptgen's filter table from the compiled subset, aimed
-    at INPUT, and in RAW_SHARE of the cases a raw table whose PREROUTING rules come from a
-    second iptgen ruleset (iptgen's own raw tables bring mangle and nat along)."""
-    gen = towards_input(generate(seed, ruleset_options(family, max_rules, features)))
+    """The random ruleset for ``seed``: iptgen's filter table from the compiled subset, and
+    in RAW_SHARE of the cases a raw table whose PREROUTING rules are the INPUT and FORWARD
+    rules (without -o) of a second iptgen ruleset (iptgen's own raw tables bring mangle and
+    nat along)."""
+    gen = generate(seed, ruleset_options(family, max_rules, features))
     rng = random.Random(seed * 31 + family)
     if rng.random() >= RAW_SHARE:
         return gen
-    donor = towards_input(generate(seed + RAW_SEED, ruleset_options(
-        family, max(1, max_rules // 3), features - RAW_WITHOUT)))
+    donor = generate(seed + RAW_SEED, ruleset_options(
+        family, max(1, max_rules // 3), features - RAW_WITHOUT))
     rules = tuple(replace(r, chain="PREROUTING", command="-A", position=None)
                   for t in donor.tables for r in t.body
-                  if isinstance(r, GenRule) and r.chain == "INPUT")
+                  if isinstance(r, GenRule) and r.chain in ("INPUT", "FORWARD")
+                  and not any("-o" in clause for clause in r.clauses))
     policy = "DROP" if rng.random() < 0.1 else "ACCEPT"
     raw = GenTable("raw", (("PREROUTING", policy), ("OUTPUT", "ACCEPT")), rules)
     return replace(gen, tables=(raw, *gen.tables))
-
-
-def towards_input(gen: GenRuleset) -> GenRuleset:
-    """Move FORWARD rules to INPUT, where the probes arrive (a third of iptgen's rules would
-    otherwise never see a packet). Rules with ``-o`` (refused in INPUT) are left out; a moved
-    ``-I FORWARD N`` becomes ``-I INPUT`` (N may exceed INPUT's length). OUTPUT rules stay:
-    they judge the receiver's flow openers."""
-    tables = []
-    for table in gen.tables:
-        body: list[GenRule | str] = []
-        for item in table.body:
-            if isinstance(item, GenRule) and item.chain == "FORWARD":
-                if any("-o" in clause for clause in item.clauses):
-                    continue
-                item = replace(item, chain="INPUT", position=None)
-            elif isinstance(item, str) and item[:14] in ("-4 -A FORWARD ", "-6 -A FORWARD "):
-                item = item.replace("FORWARD", "INPUT", 1)  # a family-prefixed line
-            body.append(item)
-        tables.append(replace(table, body=tuple(body)))
-    return replace(gen, tables=tuple(tables))
 
 
 ICMP4_TYPES: dict[str, tuple[int, int | None]] = {
@@ -472,13 +468,18 @@ def make_probes(ruleset: GenRuleset, seed: int, count: int, first_tag: int = 1) 
     probes: list[Probe] = []
     for i in range(count):
         p = _random_probe(rng, h, ruleset.family, first_tag + i)
-        entries = [c for c in ("INPUT", "PREROUTING", "OUTPUT") if chains.get(c)]
+        entries = [c for c in ("INPUT", "FORWARD", "PREROUTING", "OUTPUT") if chains.get(c)]
         if entries and rng.random() < AIMED:
             entry = rng.choice(entries)
             if entry == "OUTPUT":
-                p = _aim_opener(rng, p, _path(rng, chains, entry))
+                p = _aim_opener(rng, replace(p, forward=False), _path(rng, chains, entry))
             else:
-                p = _aim(rng, p, _path(rng, chains, entry))
+                p = _aim(rng, replace(p, forward=entry == "FORWARD"),
+                         _path(rng, chains, entry))
+        if p.forward:
+            # Only new flows are forwarded (openers come from the receiver itself); a TTL of
+            # 1 would expire in the receiver before FORWARD.
+            p = replace(p, tos=FWD_TOS, flow="new", ttl=max(p.ttl, 2))
         if len(p.packet(b"0000")) > MAX_FRAME_PAYLOAD:
             p = _fit_length(p, MAX_FRAME_PAYLOAD)
         if rng.random() < FRAGMENTED:
@@ -515,6 +516,7 @@ def mark_table(mapping: dict[int, int]) -> str:
 
 
 AIMED = 0.7  # share of probes built to satisfy a path of rules
+FORWARDED = 0.15  # share of random (not aimed) probes sent through the receiver
 FRAGMENTED = 0.05  # share of probes sent in two fragments
 MISS = 0.12  # chance that an aimed probe violates a given match (a near miss)
 OPTION_ARITY = {"-f": 0, "--syn": 0, "--tcp-flags": 2}  # values after each option, else 1
@@ -610,7 +612,7 @@ def _random_probe(rng: random.Random, h: Hints, family: int, tag: int) -> Probe:
               sport=_pick_port(rng, h), dport=_pick_port(rng, h), flags=flags,
               iface=rng.randrange(len(RX_IFACES)), ttl=rng.choice([1, 64, 255]),
               tos=rng.choice([0, 0, 0, 0x10, 0xB8]), pad=rng.choice([0, 0, 7, 100, 900]),
-              flow=flow)
+              flow=flow, forward=rng.random() < FORWARDED)
     if proto == icmp_proto:
         p = _icmp_probe(rng, p, h)
     if h.marks and rng.random() < 0.3:
@@ -908,9 +910,10 @@ class Refused(Exception):
     """The backend refused the ruleset (CompileError for bpfilter); counted, not a pass."""
 
 
-_RESET = {4: "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
-          "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"}
-_RESET[6] = _RESET[4]
+# Restoring a table flushes it but keeps the policies of chains the input does not declare:
+# every load starts from this.
+_RESET = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+          "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")
 
 
 class IptablesBackend:
@@ -930,7 +933,7 @@ class IptablesBackend:
                                f"{proc.stderr.strip()}\n{text}")
 
     def load(self, ns: str, text: str, family: int) -> None:
-        self._restore(ns, _RESET[family], family)
+        self._restore(ns, _RESET, family)
         self._restore(ns, text, family)
         self._loaded.add(family)
 
@@ -947,7 +950,7 @@ class IptablesBackend:
 
     def clear(self, ns: str) -> None:
         for family in sorted(self._loaded):
-            self._restore(ns, _RESET[family], family)
+            self._restore(ns, _RESET, family)
         self._loaded.clear()
 
 
@@ -983,12 +986,12 @@ class BpfilterBackend:
             stack.close()
 
 
-ENTRY_CHAINS = ("INPUT", "OUTPUT", "PREROUTING")  # where the probes and openers pass
+ENTRY_CHAINS = ("INPUT", "FORWARD", "OUTPUT", "PREROUTING")  # where probes and openers pass
 
 
 def save_coverage(save_text: str) -> tuple[int, int]:
     """(rules hit, rules) in ``iptables-save -c`` text, counting only chains reachable from
-    ENTRY_CHAINS: FORWARD and orphaned user chains never see a probe."""
+    ENTRY_CHAINS: orphaned user chains never see a probe."""
     rules: dict[str, list[tuple[bool, str | None]]] = {}
     for line in save_text.splitlines():
         if not line.startswith("[") or " -A " not in line:
@@ -1103,73 +1106,83 @@ class Observed:
 
     delivered: frozenset[int] = frozenset()
     opener_dropped: frozenset[int] = frozenset()
+    forwarded: frozenset[int] = frozenset()  # forward probes that reached the far side
 
 
 class Receiver:
-    """One namespace pair set up for verdict observation: frames go in from the sender side,
-    raw sockets in the receiving namespace report which tagged packets LOCAL_IN let through."""
+    """Three namespaces set up for verdict observation: frames go in from the sender (pair.a)
+    to the receiver (pair.b), which runs the ruleset; raw sockets in the receiver see what
+    LOCAL_IN let through, raw sockets in ``far`` what FORWARD let through."""
 
-    def __init__(self, pair: testbed.NetnsPair) -> None:
+    def __init__(self, pair: testbed.NetnsPair, far: str) -> None:
         self.pair = pair
-        self.tx_ns, self.ns = pair.a, pair.b
-        self._socks: list[tuple[int, socket.socket]] = []
+        self.tx_ns, self.ns, self.far = pair.a, pair.b, far
+        self._socks: list[tuple[int, socket.socket]] = []  # receiver: LOCAL_IN deliveries
+        self._far_socks: list[tuple[int, socket.socket]] = []  # far side: forwarded ones
         self._tx: list[socket.socket] = []
         self._open: dict[int, socket.socket] = {}
         self._macs: list[bytes] = []
         self._setup()
 
     def _setup(self) -> None:
-        a, b = self.tx_ns, self.ns
+        a, b, c = self.tx_ns, self.ns, self.far
+        _ip_cmd("netns", "add", c)
         _ip_cmd("-n", a, "link", "add", TX_IFACES[1], "type", "veth", "peer", "name",
                 RX_IFACES[1], "netns", b)
-        for ns, dev in ((a, TX_IFACES[1]), (b, RX_IFACES[1])):
+        _ip_cmd("-n", b, "link", "add", FWD_IFACE, "type", "veth", "peer", "name", FAR_IFACE,
+                "netns", c)
+        for ns, dev in ((a, TX_IFACES[1]), (b, RX_IFACES[1]), (b, FWD_IFACE), (c, "lo"),
+                        (c, FAR_IFACE)):
             _ip_cmd("-n", ns, "link", "set", dev, "up")
-        # Every test address is local in the receiver (table local is read before main, so
-        # this /15 also covers the test bed's own /24); its rule moves below two others:
-        # marked flow openers leave towards the sender namespace (which neither forwards nor
-        # has a route back, so they end there), and anything else the receiver
-        # itself sends to the test ranges (TCP resets, ICMP errors, echo replies) is
-        # blackholed, so it never comes back as noise or disturbs conntrack.
-        for v, net, gateway in (("-4", str(NET4), self.pair.ipv4_a),
-                                ("-6", str(NET6), self.pair.ipv6_a)):
-            _ip_cmd("-n", b, v, "route", "add", "local", net, "dev", "lo", "table", "local")
+        far_mac = _mac(c, FAR_IFACE).hex(":")
+        for v, net, gateway, hop in (("-4", str(NET4), self.pair.ipv4_a, FWD_HOP4),
+                                     ("-6", str(NET6), self.pair.ipv6_a, FWD_HOP6)):
+            _quiet_local(b, v, net)
+            _quiet_local(c, v, net)
+            # Marked flow openers leave towards the sender namespace, which neither forwards
+            # nor has a route back, so they end there. A static neighbour with a MAC nobody
+            # has: no ARP/NDP (whose replies would cross the ruleset under test).
             _ip_cmd("-n", b, v, "route", "add", net, "via", gateway, "dev", testbed.IF_B,
                     "table", str(TABLE_OPEN))
-            # A static neighbour with a MAC nobody has: no ARP/NDP (whose replies would cross
-            # the ruleset under test), and the sender discards the frames as not its own.
             _ip_cmd("-n", b, v, "neigh", "replace", gateway, "lladdr", NOBODY_MAC, "dev",
                     testbed.IF_B, "nud", "permanent")
-            _ip_cmd("-n", b, v, "route", "add", "blackhole", net, "table", str(TABLE_QUIET))
             _ip_cmd("-n", b, v, "rule", "add", "pref", "10", "fwmark", hex(OPEN_MARK),
                     "lookup", str(TABLE_OPEN))
-            _ip_cmd("-n", b, v, "rule", "add", "pref", "20", "iif", "lo", "lookup",
-                    str(TABLE_QUIET))
-            _ip_cmd("-n", b, v, "rule", "add", "pref", "30", "lookup", "local")
-            _ip_cmd("-n", b, v, "rule", "del", "pref", "0", "lookup", "local")
+            # Arriving packets with TOS FWD_TOS are routed on to the far side instead.
+            if v == "-4":  # the next hop must be unicast in this table (it is local in main)
+                _ip_cmd("-n", b, v, "route", "add", hop, "dev", FWD_IFACE, "table",
+                        str(TABLE_FWD))
+            _ip_cmd("-n", b, v, "route", "add", net, "via", hop, "dev", FWD_IFACE, "table",
+                    str(TABLE_FWD))
+            _ip_cmd("-n", b, v, "neigh", "replace", hop, "lladdr", far_mac, "dev", FWD_IFACE,
+                    "nud", "permanent")
+            for dev in RX_IFACES:
+                _ip_cmd("-n", b, v, "rule", "add", "pref", "5", "iif", dev, "tos",
+                        hex(FWD_TOS), "lookup", str(TABLE_FWD))
         conf = {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
                 "net.ipv4.conf.all.accept_local": "1", "net.ipv4.conf.all.accept_redirects": "0",
                 "net.ipv6.conf.all.accept_redirects": "0", "net.ipv6.conf.all.accept_ra": "0",
                 "net.ipv4.icmp_ratelimit": "0", "net.ipv6.icmp.ratelimit": "0"}
+        far_conf = dict(conf)
         for dev in RX_IFACES:
             conf[f"net.ipv4.conf.{dev}.rp_filter"] = "0"
             conf[f"net.ipv4.conf.{dev}.accept_local"] = "1"
+        conf |= {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
+                 f"net.ipv4.conf.{FWD_IFACE}.rp_filter": "0"}
+        far_conf |= {f"net.ipv4.conf.{FAR_IFACE}.rp_filter": "0",
+                     f"net.ipv4.conf.{FAR_IFACE}.accept_local": "1"}
         _sysctl(b, conf)
+        _sysctl(c, far_conf)
         proc = subprocess.run(["ip", "netns", "exec", b, "nft", "-f", "-"], input=_CT_TABLE,
                               text=True, capture_output=True, timeout=10)
         if proc.returncode != 0:
             raise HarnessError(f"nft in {b}: {proc.stderr.strip()}")
-        _wait_up(((a, TX_IFACES[1]), (b, RX_IFACES[1])))
+        _wait_up(((a, TX_IFACES[1]), (b, RX_IFACES[1]), (b, FWD_IFACE), (c, FAR_IFACE)))
         self._macs = [_mac(b, dev) for dev in RX_IFACES]
+        self._socks = _raw_sockets(b)
+        self._far_socks = _raw_sockets(c)
         with netns.entered(b):
-            for fam, af, protos in ((4, socket.AF_INET, (PROTO_TCP, PROTO_UDP, PROTO_ICMP,
-                                                         PROTO_OTHER)),
-                                    (6, socket.AF_INET6, (PROTO_TCP, PROTO_UDP, PROTO_ICMP6,
-                                                          PROTO_OTHER))):
-                for proto in protos:
-                    s = socket.socket(af, socket.SOCK_RAW, proto)
-                    s.setsockopt(socket.SOL_SOCKET, 33, 1 << 24)  # SO_RCVBUFFORCE
-                    s.setblocking(False)
-                    self._socks.append((fam, s))
+            for fam, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
                 o = socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW)
                 o.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, OPEN_MARK)
                 self._open[fam] = o
@@ -1180,15 +1193,17 @@ class Receiver:
                 self._tx.append(t)
 
     def close(self) -> None:
-        for _, s in self._socks:
+        for _, s in (*self._socks, *self._far_socks):
             s.close()
         for s in (*self._tx, *self._open.values()):
             s.close()
-        self._socks, self._tx, self._open = [], [], {}
+        self._socks, self._far_socks, self._tx, self._open = [], [], [], {}
 
-    def _drain(self, nonce: bytes, probes: dict[int, Probe], got: set[int]) -> bool:
+    @staticmethod
+    def _drain(socks: Sequence[tuple[int, socket.socket]], nonce: bytes,
+               probes: dict[int, Probe], got: set[int]) -> bool:
         any_new = False
-        for fam, s in self._socks:
+        for fam, s in socks:
             while True:
                 try:
                     data, addr = s.recvfrom(65535)
@@ -1205,10 +1220,16 @@ class Receiver:
 
     def send(self, probes: Sequence[Probe], nonce: bytes) -> Observed:
         """Send ``probes`` in order (each flow opener first); what got through."""
-        by_tag = {p.tag: p for p in probes}
+        local = {p.tag: p for p in probes if not p.forward}
+        forward = {p.tag: p for p in probes if p.forward}
         got: set[int] = set()
+        passed: set[int] = set()
         dropped: set[int] = set()
-        self._drain(nonce, {}, set())  # discard leftovers of an earlier batch
+        socks = [*self._socks, *self._far_socks]
+        self._drain(socks, nonce, {}, set())  # discard leftovers of an earlier batch
+        frames = sum(len(p.wire(nonce)) for p in probes)
+        received, forwarded = ip_counters(self.ns)
+        far_received, _ = ip_counters(self.far)
         # One CPU: frames are queued to the sending CPU's backlog, so packets of one flow
         # reach conntrack in the order they were sent.
         cpus = os.sched_getaffinity(0)
@@ -1224,12 +1245,19 @@ class Receiver:
                     self._tx[p.iface].send(head + packet)
         finally:
             os.sched_setaffinity(0, cpus)
+        # Under load the kernel may defer packet processing to ksoftirqd: first wait until
+        # the receiver's IP layer has taken in every frame, and the far side every packet
+        # the receiver forwarded; then until no delivery comes for SETTLE seconds.
+        _wait_counter(self.ns, 0, received + frames)
+        forwarded = ip_counters(self.ns)[1] - forwarded
+        _wait_counter(self.far, 0, far_received + forwarded)
         deadline = time.monotonic() + SETTLE
         while time.monotonic() < deadline:
-            select.select([s for _, s in self._socks], [], [], SETTLE / 3)
-            if self._drain(nonce, by_tag, got):
+            select.select([s for _, s in socks], [], [], SETTLE / 3)
+            new = self._drain(self._socks, nonce, local, got)
+            if self._drain(self._far_socks, nonce, forward, passed) or new:
                 deadline = time.monotonic() + SETTLE
-        return Observed(frozenset(got), frozenset(dropped))
+        return Observed(frozenset(got), frozenset(dropped), frozenset(passed))
 
     def _send_opener(self, p: Probe, opener: bytes) -> bool:
         """Send the opener; False when LOCAL_OUT dropped it (NF_DROP becomes EPERM)."""
@@ -1259,13 +1287,64 @@ class Receiver:
 
 @contextlib.contextmanager
 def receiver(prefix: str = "bpfd") -> Iterator[Receiver]:
-    """A fresh namespace pair prepared for verdict observation; always deleted."""
+    """Fresh namespaces prepared for verdict observation; always deleted."""
     with testbed.netns_pair(prefix=prefix, subnet=BED_SUBNET) as pair:
-        r = Receiver(pair)
+        far = testbed.unique_name(prefix)
         try:
-            yield r
+            r = Receiver(pair, far)
+            try:
+                yield r
+            finally:
+                r.close()
         finally:
-            r.close()
+            testbed.delete(far)
+
+
+def ip_counters(ns: str) -> tuple[int, int]:
+    """(IP packets received, IP packets forwarded) in ``ns`` so far, IPv4 plus IPv6."""
+    with netns.entered(ns):
+        # thread-self: this thread's namespace (/proc/self/net is the process leader's).
+        with open("/proc/thread-self/net/snmp") as f:
+            names, values = (line.split() for line in f.read().splitlines()[:2])
+        with open("/proc/thread-self/net/snmp6") as f:
+            six = dict(line.split() for line in f if line.strip())
+    ip = dict(zip(names[1:], map(int, values[1:]), strict=True))
+    return (ip["InReceives"] + int(six["Ip6InReceives"]),
+            ip["ForwDatagrams"] + int(six["Ip6OutForwDatagrams"]))
+
+
+def _wait_counter(ns: str, index: int, target: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while ip_counters(ns)[index] < target:
+        if time.monotonic() > deadline:
+            raise HarnessError(f"{ns}: the kernel did not take in the sent packets within "
+                               f"{timeout} s")
+        time.sleep(0.001)
+
+
+def _quiet_local(ns: str, v: str, net: str) -> None:
+    # Every test address is local (table local is read before main, so this also covers the
+    # test bed's own /24). Its rule moves below one that blackholes whatever the namespace
+    # itself sends to the test ranges (TCP resets, ICMP errors, echo replies), so that never
+    # comes back as noise or disturbs conntrack.
+    _ip_cmd("-n", ns, v, "route", "add", "local", net, "dev", "lo", "table", "local")
+    _ip_cmd("-n", ns, v, "route", "add", "blackhole", net, "table", str(TABLE_QUIET))
+    _ip_cmd("-n", ns, v, "rule", "add", "pref", "20", "iif", "lo", "lookup", str(TABLE_QUIET))
+    _ip_cmd("-n", ns, v, "rule", "add", "pref", "30", "lookup", "local")
+    _ip_cmd("-n", ns, v, "rule", "del", "pref", "0", "lookup", "local")
+
+
+def _raw_sockets(ns: str) -> list[tuple[int, socket.socket]]:
+    """Non-blocking raw sockets in ``ns`` for every protocol the probes use."""
+    out: list[tuple[int, socket.socket]] = []
+    with netns.entered(ns):
+        for fam, af, icmp in ((4, socket.AF_INET, PROTO_ICMP), (6, socket.AF_INET6, PROTO_ICMP6)):
+            for proto in (PROTO_TCP, PROTO_UDP, icmp, PROTO_OTHER):
+                s = socket.socket(af, socket.SOCK_RAW, proto)
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 24)
+                s.setblocking(False)
+                out.append((fam, s))
+    return out
 
 
 # -- running a differential case -----------------------------------------------------------------
@@ -1294,8 +1373,12 @@ class CaseResult:
         cand_out = {p.tag for p in opened} - self.candidate.opener_dropped
         outs = compare(opened, ref_out, cand_out, "OUTPUT")
         # OUTPUT first: a differing opener explains later INPUT differences of its flow.
-        return outs + compare(self.probes, set(self.reference.delivered),
-                              set(self.candidate.delivered))
+        local = [p for p in self.probes if not p.forward]
+        forward = [p for p in self.probes if p.forward]
+        return (outs + compare(local, set(self.reference.delivered),
+                               set(self.candidate.delivered))
+                + compare(forward, set(self.reference.forwarded),
+                          set(self.candidate.forwarded), "FORWARD"))
 
 
 def run_case(seed: int, family: int, sides: Sequence[tuple[Backend, Receiver]],

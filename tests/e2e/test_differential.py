@@ -92,8 +92,11 @@ def _ruleset(family: int, rules: Sequence[GenRule], policy: str = "ACCEPT") -> s
     return _gen(family, rules, policy).render()
 
 
-def _probes(family: int, count: int = 300, seed: int = 7) -> list[Probe]:
-    return make_probes(make_ruleset(seed, family), seed, count)
+def _probes(family: int, count: int = 300, seed: int = 7, forward: bool = False
+            ) -> list[Probe]:
+    """Probes for a sample ruleset; only those delivered locally unless ``forward``."""
+    return [p for p in make_probes(make_ruleset(seed, family), seed, count)
+            if forward or not p.forward]
 
 
 def _accepted(rx: Receiver, text: str, family: int, probes: Sequence[Probe]) -> set[int]:
@@ -101,7 +104,8 @@ def _accepted(rx: Receiver, text: str, family: int, probes: Sequence[Probe]) -> 
     rx.prepare(probes)
     ipt.load(rx.ns, text, family)
     try:
-        return set(rx.send(probes, _nonce()).delivered)
+        seen = rx.send(probes, _nonce())
+        return set(seen.delivered | seen.forwarded)
     finally:
         ipt.clear(rx.ns)
 
@@ -112,13 +116,38 @@ def _accepted(rx: Receiver, text: str, family: int, probes: Sequence[Probe]) -> 
 @pytest.mark.parametrize("family", [4, 6])
 def test_every_packet_kind_arrives_when_accepted_and_none_when_dropped(
         pair_i: Receiver, family: int) -> None:
-    probes = _probes(family)
+    probes = _probes(family, forward=True)
     kinds = {(p.proto, p.flow, p.iface) for p in probes}
     assert len(kinds) >= 12, kinds  # tcp/udp/icmp/other x new/reply/related x 2 interfaces
-    assert any(p.fragmented for p in probes)
+    assert any(p.fragmented for p in probes) and any(p.forward for p in probes)
     tags = {p.tag for p in probes}
     assert _accepted(pair_i, _ruleset(family, []), family, probes) == tags
-    assert _accepted(pair_i, _ruleset(family, [], "DROP"), family, probes) == set()
+    forward = {p.tag for p in probes if p.forward}
+    assert _accepted(pair_i, _ruleset(family, [], "DROP"), family, probes) == forward
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_forwarded_probes_reach_the_far_side_unless_forward_drops(
+        pair_i: Receiver, family: int) -> None:
+    probes = _probes(family, forward=True)
+    forward = {p.tag for p in probes if p.forward}
+    assert forward and forward != {p.tag for p in probes}
+    for policy, rules, expect in (
+            ("ACCEPT", [], forward),
+            ("DROP", [], set()),
+            ("ACCEPT", [GenRule("FORWARD", (("-o", "eth0"), ("-p", "udp")), ("-j", "DROP"))],
+             {p.tag for p in probes if p.forward and p.proto != PROTO_UDP})):
+        chains = (("INPUT", "ACCEPT"), ("FORWARD", policy), ("OUTPUT", "ACCEPT"))
+        text = GenRuleset(family, 0, (GenTable("filter", chains, tuple(rules)),)).render()
+        ipt = IptablesBackend()
+        pair_i.prepare(probes)
+        ipt.load(pair_i.ns, text, family)
+        try:
+            seen = pair_i.send(probes, _nonce())
+        finally:
+            ipt.clear(pair_i.ns)
+        assert seen.forwarded == expect, policy
+        assert seen.delivered == {p.tag for p in probes if not p.forward}
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -162,7 +191,7 @@ def test_marks_set_by_the_receiver_reach_the_ruleset(pair_i: Receiver, family: i
     rules = [GenRule("INPUT", (("-m", "mark", "--mark", "0x1200/0xff00"),), ("-j", "DROP"))]
     text = _ruleset(family, rules)
     probes = make_probes(_gen(family, rules), 5, 300)
-    marked = {p.tag for p in probes if p.mark & 0xFF00 == 0x1200}
+    marked = {p.tag for p in probes if p.mark & 0xFF00 == 0x1200 and not p.forward}
     assert marked and any(p.mark and p.tag not in marked for p in probes)
     got = _accepted(pair_i, text, family, probes)
     assert got == {p.tag for p in probes} - marked
@@ -246,7 +275,7 @@ def test_a_wrong_candidate_is_caught(pair_i: Receiver) -> None:
     with receiver(prefix="bpfdf") as other:
         sides = [(IptablesBackend(), pair_i), (_FlippedDrop(), other)]
         results = [run_case(seed, family, sides, CI_PACKETS, _nonce())
-                   for seed, family in seeds(BASE_SEED, 12)]
+                   for seed, family in seeds(BASE_SEED, 20)]
     caught = [r for r in results if r.mismatches]
     assert len(caught) >= 3
     for r in caught:
@@ -288,6 +317,8 @@ def _verdict(results: Sequence[CaseResult], base_seed: int, packets: int, min_ru
     failed = errors + mismatched
     sent = sum(len(r.probes) for r in compared)
     accepted = sum(len(r.reference.delivered) for r in compared)
+    forwarded = sum(len(r.reference.forwarded) for r in compared)
+    forward = sum(p.forward for r in compared for p in r.probes)
     openers = sum(p.flow != "new" for r in compared for p in r.probes)
     blocked = sum(len(r.reference.opener_dropped) for r in compared)
     hit = sum(r.coverage[0] for r in compared)
@@ -295,7 +326,8 @@ def _verdict(results: Sequence[CaseResult], base_seed: int, packets: int, min_ru
     summary = (f"{CANDIDATE} vs iptables from seed {base_seed}: {len(compared)} rulesets "
                f"compared, {len(refused)} "
                f"refused, {len(mismatched)} with mismatches, {len(errors)} with errors; {sent} "
-               f"packets, {accepted} accepted by iptables at INPUT; {openers} flow openers, "
+               f"packets, {accepted} accepted by iptables at INPUT, {forwarded} of {forward} at "
+               f"FORWARD; {openers} flow openers, "
                f"{blocked} dropped at OUTPUT; {hit}/{rules} rules hit by some packet")
     print(summary)
     messages = [_failure(r, packets) for r in failed[:3]]

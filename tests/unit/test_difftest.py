@@ -11,6 +11,7 @@ import pytest
 from difftest import (
     BED_SUBNET,
     DIFF_FEATURES,
+    FWD_TOS,
     MARK_TTL,
     MAX_FRAME_PAYLOAD,
     NET4,
@@ -43,7 +44,6 @@ from difftest import (
     report,
     save_coverage,
     seeds,
-    towards_input,
 )
 from iptgen import FEATURES, GenRule, GenRuleset, GenTable
 
@@ -192,21 +192,11 @@ def test_rulesets_stay_in_the_compiled_subset(family: int) -> None:
         for word in ("REJECT", "LOG", "-m limit", "-m recent", "-m hashlimit", "*mangle",
                      "*nat", "-m statistic", "NOTRACK", "-j CT"):
             assert word not in text, (seed, word)
-        assert "-A FORWARD" not in text  # moved to INPUT
         for table in gen.tables:
             chains = {r.chain for r in table.body if isinstance(r, GenRule)}
             assert table.name == "filter" or chains <= {"PREROUTING"}
     assert 4 <= raw <= 24
     assert make_ruleset(5, family).render() == make_ruleset(5, family).render()
-
-
-def test_towards_input_moves_forward_rules_without_o() -> None:
-    rules = [GenRule("FORWARD", (("-s", "198.18.0.1"),), ("-j", "DROP"), "-I", 3),
-             GenRule("FORWARD", (("-o", "eth0"),), ("-j", "DROP")),
-             GenRule("OUTPUT", (("-o", "eth0"),), ("-j", "DROP"))]
-    moved = towards_input(_ruleset(4, rules)).tables[0].body
-    assert moved == (GenRule("INPUT", (("-s", "198.18.0.1"),), ("-j", "DROP"), "-I", None),
-                     rules[2])
 
 
 def test_constraints_read_negation_and_arity() -> None:
@@ -251,6 +241,10 @@ def test_probes_are_deterministic_valid_and_varied(family: int) -> None:
         assert _addresses_ok(p), p
         assert len(p.packet(NONCE)) <= MAX_FRAME_PAYLOAD
     assert {p.flow for p in probes} == {"new", "reply", "related"}
+    assert {p.forward for p in probes} == {True, False}
+    for p in probes:
+        assert (p.tos == FWD_TOS) == p.forward
+        assert not p.forward or (p.flow == "new" and p.ttl >= 2)
     assert {p.iface for p in probes} == set(range(len(RX_IFACES)))
     assert len({p.proto for p in probes}) >= 3
     assert sum(p.src != p.dst for p in probes) >= 390
@@ -276,6 +270,13 @@ def test_aimed_probes_hit_a_rule_and_nearly_miss_it(family: int) -> None:
     near = [p for p in probes if not hits(p) and ipaddress.ip_address(p.src) in net
             and p.proto == PROTO_UDP and p.flow == "reply"]
     assert near
+
+
+def test_probes_aim_at_forward_rules() -> None:
+    rule = GenRule("FORWARD", (("-p", "udp"), ("-o", "eth0"), ("--sport", "7")), ("-j", "DROP"))
+    probes = make_probes(_ruleset(4, [rule]), 2, 300)
+    aimed = [p for p in probes if p.forward and p.proto == PROTO_UDP and p.sport == 7]
+    assert len(aimed) > 100
 
 
 def test_aimed_probes_follow_jumps_and_tcp_flags() -> None:
@@ -340,6 +341,14 @@ def test_opener_verdicts_are_compared_first() -> None:
     assert "its flow opener at OUTPUT: iptables ACCEPT, bpfilter DROP" in text
 
 
+def test_forward_verdicts_are_compared_by_arrival_at_the_far_side() -> None:
+    probes = (_probe(tag=1, forward=True), _probe(tag=2))
+    ref = Observed(frozenset({2}), frozenset(), frozenset({1}))
+    cand = Observed(frozenset({2}), frozenset(), frozenset())
+    got = CaseResult(1, 4, "", probes, ref, cand).mismatches
+    assert got == [Mismatch(probes[0], True, False, "FORWARD")]
+
+
 def test_save_coverage_counts_reachable_rules_only() -> None:
     save = "\n".join([
         "*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":Ua - [0:0]", ":Ub - [0:0]",
@@ -348,7 +357,7 @@ def test_save_coverage_counts_reachable_rules_only() -> None:
         "[1:40] -A Ua -j ACCEPT", "[0:0] -A Ua -p udp -g Ua",
         "[9:900] -A Ub -j DROP",  # unreachable: only named inside a comment
         "[0:0] -A FORWARD -j DROP", "COMMIT"])
-    assert save_coverage(save) == (2, 4)
+    assert save_coverage(save) == (2, 5)
 
 
 def test_seeds_mix_families() -> None:

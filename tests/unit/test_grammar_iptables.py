@@ -171,6 +171,7 @@ def test_getopt_forms() -> None:
         ("*filter\n:FOO - [0:0]\n:FOO - [0:0]\nCOMMIT\n", 3, 2, "File exists"),
         ("*filter\n:ABCDEFGHIJKLMNOPQRSTUVWXYZ123 - [0:0]\nCOMMIT\n", 2, 2, "28 chars max"),
         ("*filter\n-A OUTPUT -j MASQUERADE\nCOMMIT\n", 2, 1, "only valid in the nat table"),
+        ("*filter\n-A ABCDEFGHIJKLMNOPQRSTUVWXYZ123 -j ACCEPT\nCOMMIT\n", 2, 2, "too long"),
         ("*nat\n-A INPUT -j DNAT --to-destination 1.2.3.4\nCOMMIT\n", 2, 1, "DNAT target"),
         ("*filter\n-A INPUT --frobnicate -j ACCEPT\nCOMMIT\n", 2, 2,
          'unknown option "--frobnicate"'),
