@@ -1,5 +1,5 @@
-"""`bpfilter demo`: load a small hand-assembled netfilter filter in a throwaway namespace pair
-and show it dropping and passing real packets."""
+"""`bpfilter demo`: compile a built-in iptables ruleset, load it into a throwaway network
+namespace and show real packets getting iptables' verdicts."""
 
 from __future__ import annotations
 
@@ -9,55 +9,30 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bpfilter import bpf, testbed
-from bpfilter.attach_netfilter import NetfilterOptions, attach_netfilter
-from bpfilter.btf import Btf
-from bpfilter.codegen import asm
-from bpfilter.codegen.asm import Label
-from bpfilter.codegen.disasm import disassemble
-from bpfilter.codegen.insn import FP, R0, R1, R2, R3, R4, R6
-from bpfilter.codegen.link import link
-from bpfilter.codegen.opcodes import Size
-from bpfilter.codegen.spec import ProgramSpec
-from bpfilter.codegen.uapi import AttachType, NfHook, NfPriority, NfProto, NfVerdict, ProgType
+from bpfilter import loader, testbed
+from bpfilter.codegen.compiler import compile_ruleset
+from bpfilter.grammar.iptables import parse_restore
+from bpfilter.ir.iptables_save import to_iptables_save
 
-IPPROTO_ICMP = 1
-IPV4_HEADER = 20
-IPV4_PROTOCOL_OFFSET = 9
-DYNPTR = -16  # struct bpf_dynptr (16 bytes) on the stack
-SLICE_BUF = DYNPTR - 24  # scratch buffer for bpf_dynptr_slice, below the dynptr
-
-
-def drop_icmp_program(btf: Btf) -> tuple[list[asm.Insn | Label], dict[str, int]]:
-    """`-A INPUT -p icmp -j DROP` written by hand: DROP IPv4 ICMP, ACCEPT everything else."""
-    skb = btf.member_offset("bpf_nf_ctx", "skb")
-    program: list[asm.Insn | Label] = [
-        asm.ldx(Size.DW, R6, R1, skb, comment="r6 = ctx->skb"),
-        asm.mov64(R1, R6),
-        asm.mov64(R2, 0),
-        asm.mov64(R3, FP),
-        asm.add64(R3, DYNPTR),
-        asm.call_kfunc("bpf_dynptr_from_skb"),
-        asm.jmp("jne", R0, 0, "accept"),
-        asm.mov64(R1, FP),
-        asm.add64(R1, DYNPTR),
-        asm.mov64(R2, 0),  # offset 0 is the network header at netfilter hooks
-        asm.mov64(R3, FP),
-        asm.add64(R3, SLICE_BUF),
-        asm.mov64(R4, IPV4_HEADER),
-        asm.call_kfunc("bpf_dynptr_slice"),
-        asm.jmp("jeq", R0, 0, "accept"),
-        asm.ldx(Size.B, R1, R0, IPV4_PROTOCOL_OFFSET, comment="ip->protocol"),
-        asm.jmp("jeq", R1, IPPROTO_ICMP, "drop"),
-        Label("accept"),
-        asm.mov64(R0, NfVerdict.ACCEPT),
-        asm.exit_(),
-        Label("drop"),
-        asm.mov64(R0, NfVerdict.DROP),
-        asm.exit_(),
-    ]
-    kfuncs = {n: btf.kfunc_id(n) for n in ("bpf_dynptr_from_skb", "bpf_dynptr_slice")}
-    return program, kfuncs
+# A small host firewall: default DROP, loopback and replies allowed, pings from the
+# benchmarking range, one UDP service, SSH through a user chain that only admits one host.
+EXAMPLE = """\
+*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:SSH - [0:0]
+-A INPUT -i lo -j ACCEPT
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -s 198.18.0.0/15 -p icmp -m icmp --icmp-type echo-request -j ACCEPT
+-A INPUT -p udp -m udp --dport 5353 -j ACCEPT
+-A INPUT -p tcp -m tcp --dport 22 -j SSH
+-A SSH -s 198.19.255.254/32 -j ACCEPT
+-A SSH -j DROP
+COMMIT
+"""
+SERVICE_PORT = 5353
+CLOSED_PORT = 5354
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +49,15 @@ class Step:
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
-        help="show a hand-assembled filter dropping and passing packets in a throwaway netns",
+        help="compile a built-in iptables ruleset and check it with real packets in a netns",
         description=(
-            "Create two network namespaces joined by veth (198.18.0.0/15), attach a small "
-            "netfilter program at LOCAL_IN of one of them that drops ICMP and accepts the rest, "
-            "and check with real packets; everything is deleted afterwards."
+            "Create two network namespaces joined by veth (198.18.0.0/15), compile a built-in "
+            "iptables ruleset to eBPF, attach it at the netfilter hooks of one namespace, and "
+            "check with real packets that they get the verdicts iptables gives; everything is "
+            "deleted afterwards."
         ),
     )
-    p.add_argument("--json", action="store_true", help="print the steps as JSON")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
 
@@ -94,35 +70,43 @@ def run(args: argparse.Namespace) -> int:
         mark = "ok  " if expected == observed else "FAIL"
         say(f"  [{mark}] {what}: {'delivered' if observed else 'dropped'}")
 
-    btf = Btf.load()
-    program, kfuncs = drop_icmp_program(btf)
-    linked = link(program, kfuncs=kfuncs)
-    spec = ProgramSpec("bpfilter_demo", ProgType.NETFILTER, linked.code,
-                       expected_attach_type=AttachType.NETFILTER)
-    names = {v: k for k, v in kfuncs.items()}
+    ruleset = parse_restore(EXAMPLE, filename="<demo>")
+    say("ruleset (canonical iptables-save form):")
+    for line in to_iptables_save(ruleset).splitlines():
+        say("    " + line)
+    compiled = compile_ruleset(ruleset, family=4)
+    for program in compiled.programs:
+        say(f"compiled {program.table}/{program.chain} -> netfilter hook {program.hook.name}, "
+            f"priority {program.priority}")
+    counters: dict[str, tuple[int, int]] = {}
     with testbed.netns_pair("bpfdemo") as pair:
-        src, dst = pair.a, pair.b
-        addr = pair.ipv4_b
-        say(f"namespaces {src} ({pair.ipv4_a}) <-> {dst} ({addr}) over veth")
-        say("without a filter:")
-        check("ping", True, testbed.ping(src, addr, count=2))
-        check("udp", True, testbed.udp_reaches(src, dst, addr))
-        say(f"program ({len(linked)} instructions), as bpftool would print it:")
-        for line in disassemble(linked.code, kfunc_names=names):
-            say("    " + line)
-        with bpf.prog_load(spec) as prog:
-            options = NetfilterOptions(NfProto.IPV4, NfHook.LOCAL_IN, NfPriority.FILTER)
-            with attach_netfilter(prog, options, netns=dst) as nflink:
-                say(f"attached at {dst} IPv4 LOCAL_IN priority {int(NfPriority.FILTER)} "
-                    f"(prog id {bpf.prog_info(prog).id}, link id {bpf.link_info(nflink).id}):")
-                check("ping", False, testbed.ping(src, addr, count=2))
-                check("udp", True, testbed.udp_reaches(src, dst, addr))
-        say("after detaching:")
-        check("ping", True, testbed.ping(src, addr, count=2))
+        src, dst, addr = pair.a, pair.b, pair.ipv4_b
+        say(f"namespaces {src} ({pair.ipv4_a}) -> {dst} ({addr}) over veth")
+        say("before loading:")
+        check(f"udp to closed port {CLOSED_PORT}", True,
+              testbed.udp_reaches(src, dst, addr, CLOSED_PORT))
+        with loader.load(compiled, netns=dst) as handle:
+            say(f"loaded into {dst}:")
+            check("ping (echo-request from 198.18.0.0/15)", True, testbed.ping(src, addr, count=2))
+            check(f"udp to port {SERVICE_PORT}", True,
+                  testbed.udp_reaches(src, dst, addr, SERVICE_PORT))
+            check(f"udp to closed port {CLOSED_PORT} (policy DROP)", False,
+                  testbed.udp_reaches(src, dst, addr, CLOSED_PORT))
+            for (table, chain, position), (packets, nbytes) in sorted(handle.counters().items()):
+                where = "policy" if position == 0 else f"rule {position}"
+                counters[f"{table}/{chain}/{where}"] = (packets, nbytes)
+        say("counters (packets, bytes):")
+        for key, (packets, nbytes) in counters.items():
+            say(f"    {key:28} {packets:4} {nbytes:6}")
+        say("after unloading:")
+        check(f"udp to closed port {CLOSED_PORT}", True,
+              testbed.udp_reaches(src, dst, addr, CLOSED_PORT))
     ok = all(s.ok for s in steps)
     if args.json:
-        json.dump({"ok": ok, "steps": [{"what": s.what, "expected": s.expected,
-                                        "observed": s.observed} for s in steps]},
+        json.dump({"ok": ok,
+                   "steps": [{"what": s.what, "expected": s.expected, "observed": s.observed}
+                             for s in steps],
+                   "counters": {k: list(v) for k, v in counters.items()}},
                   sys.stdout, indent=2)
         print()
     else:
