@@ -11,7 +11,7 @@ from bpfilter import __version__
 
 # Each subcommand lives in its own module `bpfilter.cmd_<name>` exposing
 # `register(subparsers) -> argparse.ArgumentParser` and `run(args) -> int`.
-SUBCOMMANDS: tuple[str, ...] = ("demo", "translate")
+SUBCOMMANDS: tuple[str, ...] = ("demo", "translate", "flush", "status")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,19 +45,27 @@ def _not_yet(tool: str) -> int:
 
 
 def restore_main() -> int:
-    return _not_yet("bpfilter-restore")
+    from bpfilter import restore
+
+    return restore.main(sys.argv[1:], 4)
 
 
 def restore6_main() -> int:
-    return _not_yet("bpfilter6-restore")
+    from bpfilter import restore
+
+    return restore.main(sys.argv[1:], 6)
 
 
 def save_main() -> int:
-    return _not_yet("bpfilter-save")
+    from bpfilter import save
+
+    return save.main(sys.argv[1:], 4)
 
 
 def save6_main() -> int:
-    return _not_yet("bpfilter6-save")
+    from bpfilter import save
+
+    return save.main(sys.argv[1:], 6)
 
 
 def iptables_main() -> int:

@@ -135,6 +135,9 @@ def load_programs(compiled: CompiledRuleset) -> Programs:
     try:
         for spec in compiled.maps:
             out.maps[spec.name] = bpf.map_create(spec)
+            contents = compiled.contents.get(spec.name)
+            if contents:  # lookup tables of optimized rule runs, filled before any program
+                out.maps[spec.name].update_batch(contents)
         fds = {name: m.fd for name, m in out.maps.items()}
         for program in compiled.programs:
             lp = link_program(program, fds)

@@ -18,6 +18,11 @@ never crosses more than one rule and 16-bit offsets always suffice):
 - ``count(index, meta)``: the per-rule counter update (per-CPU array map, atomic adds),
   global as well, so it is verified once and not at every rule.
 
+Runs of rules the optimizer (``ir/optimizer``) can decide with one map lookup are emitted as
+one block (``codegen/lookup``): the shared tests, the lookup, the counter of the rule the map
+names and that rule's action. Their maps travel in ``CompiledRuleset.maps`` with their
+contents in ``CompiledRuleset.contents``.
+
 BPF allows 8 nested frames: main, a part, the counter, and so ``MAX_CHAIN_DEPTH`` nested
 user chains (a split user chain takes two). Instructions no path reaches are dropped (the
 verifier refuses them).
@@ -29,7 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from bpfilter.codegen import asm
+from bpfilter.codegen import asm, lookup
 from bpfilter.codegen import flavor_netfilter as nf
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.insn import CALL, EXIT, R0, R1, R2, R7, Insn
@@ -39,6 +44,7 @@ from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import MapType, NfHook, NfPriority, NfProto, NfVerdict
 from bpfilter.ir.model import Chain, Family, Match, Ruleset, Table, TargetKind
 from bpfilter.ir.model import Rule as IrRule
+from bpfilter.ir.optimizer import MIN_CLASSIFIER, MIN_RUN, Classifier, Run, plan
 
 COUNTERS = "counters"  # the counter map's name (and the symbol code refers to it by)
 COUNTER_VALUE = 16  # struct { u64 packets; u64 bytes; } per CPU
@@ -75,7 +81,9 @@ class RuleRef(NamedTuple):
     line: int
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: compared and hashed by identity; it keys the loader's dicts, and a hash over
+# every instruction cost milliseconds per lookup for a thousand rules.
+@dataclass(frozen=True, slots=True, eq=False)
 class CompiledProgram:
     """One netfilter program: where it attaches and its code (kernel offsets unresolved)."""
 
@@ -104,6 +112,11 @@ class CompiledRuleset:
     programs: tuple[CompiledProgram, ...]
     rule_index: Mapping[int, RuleRef]
     maps: tuple[MapSpec, ...] = field(default=())
+    # Initial (key, value) pairs of maps, by map name (lookup tables of optimized runs).
+    contents: Mapping[str, tuple[tuple[bytes, bytes], ...]] = field(default_factory=dict)
+    # (table, chain, run, map name) for every run decided by a lookup; a classifier's maps
+    # are named after it: "<name>_src", "<name>_dst"... (lookup.CLASSIFIER_MAPS).
+    lookups: tuple[tuple[str, str, Run | Classifier, str], ...] = ()
 
     @property
     def needs_conntrack(self) -> bool:
@@ -117,9 +130,15 @@ class CompiledRuleset:
         return None
 
 
-def compile_ruleset(ruleset: Ruleset, family: int = 4) -> CompiledRuleset:
+def compile_ruleset(ruleset: Ruleset, family: int = 4, *, optimize: bool = True,
+                    min_run: int = MIN_RUN,
+                    min_classifier: int = MIN_CLASSIFIER) -> CompiledRuleset:
     """Compile the filter and raw tables of ``ruleset`` for IPv4 (4) or IPv6 (6).
 
+    With ``optimize``, runs of at least ``min_run`` rules that one map lookup can decide
+    become lookups, and stretches of at least ``min_classifier`` rules testing addresses,
+    protocol and ports become bit-vector classifiers (see ir/optimizer); verdicts and
+    counters are the same either way.
     Raises CompileError naming the line of the first table, rule, match or target that this
     compiler does not support; nothing is silently left out.
     """
@@ -144,6 +163,7 @@ def compile_ruleset(ruleset: Ruleset, family: int = 4) -> CompiledRuleset:
             for pos, rule in enumerate(chain.rules, 1):
                 index[len(index)] = RuleRef(table.name, chain.name, pos, rule.line)
     programs = []
+    lookups = _Lookups(family, optimize, min_run, min_classifier, numbering)
     for table in tables:
         for chain in table.chains:
             if not chain.is_base:
@@ -154,9 +174,68 @@ def compile_ruleset(ruleset: Ruleset, family: int = 4) -> CompiledRuleset:
                                    f"of table '{table.name}'")
             if not chain.rules and chain.policy == "ACCEPT":
                 continue
-            programs.append(_Program(table, chain, hook, family, numbering).build())
+            programs.append(_Program(table, chain, hook, family, numbering, lookups).build())
     counters = MapSpec(COUNTERS, MapType.PERCPU_ARRAY, 4, COUNTER_VALUE, max(1, len(index)))
-    return CompiledRuleset(family, tuple(programs), index, (counters,))
+    return CompiledRuleset(family, tuple(programs), index, (counters, *lookups.specs),
+                           lookups.contents, tuple(lookups.made))
+
+
+# Rules lo+1..hi (positions), one rule or decided by a lookup.
+Segment = tuple[int, int, "Run | Classifier | None"]
+
+
+@dataclass(slots=True)
+class _Lookups:
+    """The optimizer's runs per chain and their maps, shared by every program of a ruleset
+    (a user chain called from two built-in chains uses the same maps)."""
+
+    family: int
+    optimize: bool
+    min_run: int
+    min_classifier: int
+    numbering: Mapping[tuple[str, str], int]
+    segments: dict[tuple[str, str], list[Segment]] = field(default_factory=dict)
+    names: dict[tuple[str, str, int], str] = field(default_factory=dict)
+    specs: list[MapSpec] = field(default_factory=list)
+    contents: dict[str, tuple[tuple[bytes, bytes], ...]] = field(default_factory=dict)
+    made: list[tuple[str, str, Run | Classifier, str]] = field(default_factory=list)
+
+    def segments_of(self, table: str, chain: Chain) -> list[Segment]:
+        """The chain cut into single rules and runs, in order."""
+        key = (table, chain.name)
+        segs = self.segments.get(key)
+        if segs is None:
+            runs = (plan(chain.rules, self.family, self.min_run, self.min_classifier)
+                    if self.optimize else [])
+            segs = []
+            pos = 0
+            for run in runs:
+                segs.extend((p, p + 1, None) for p in range(pos, run.start))
+                segs.append((run.start, run.stop, run))
+                pos = run.stop
+            segs.extend((p, p + 1, None) for p in range(pos, len(chain.rules)))
+            self.segments[key] = segs
+        return segs
+
+    def map_for(self, table: str, chain: Chain, run: Run | Classifier) -> str:
+        """The name of the run's map (a classifier: its maps' prefix), created (specs and
+        contents) on first use."""
+        key = (table, chain.name, run.start)
+        name = self.names.get(key)
+        if name is None:
+            first = self.numbering[(table, chain.name)] + (1 if chain.is_base else 0)
+            if isinstance(run, Run):
+                name = f"lookup_{len(self.names)}"
+                self.specs.append(lookup.map_spec(name, run))
+                self.contents[name] = lookup.map_contents(run, first + run.start)
+            else:
+                name = f"cls{len(self.names)}"
+                for spec, contents in lookup.classifier_maps(name, run, first + run.start):
+                    self.specs.append(spec)
+                    self.contents[spec.name] = contents
+            self.names[key] = name
+            self.made.append((table, chain.name, run, name))
+        return name
 
 
 def _check_chain(table: Table, chain: Chain, family: int) -> None:
@@ -199,6 +278,7 @@ class _Program:
     hook: NfHook
     family: int
     numbering: Mapping[tuple[str, str], int]
+    lookups: _Lookups
     items: list[nf.Item] = field(default_factory=list)
     rule_labels: list[tuple[str, int]] = field(default_factory=list)
     funcs: list[tuple[str, str, nf.FuncKind]] = field(default_factory=list)
@@ -218,9 +298,7 @@ class _Program:
             parts = self._parts(chain)
             if len(parts) == 1:
                 self._global(label, f"chain_{n}", f"chain {chain.name}")
-                first = self.numbering[(self.table.name, chain.name)]
-                for pos, rule in enumerate(chain.rules, 1):
-                    self._rule(chain, pos, rule, first + pos - 1, False)
+                self._emit_range(chain, 0, len(chain.rules), False)
                 self.items.extend(nf.verdict(nf.RET_CONTINUE, f"end of {chain.name}: RETURN"))
                 continue
             # A long user chain: a wrapper calling its parts; RETURN in a part leaves them all.
@@ -252,12 +330,21 @@ class _Program:
                 asm.exit_(), Label(nxt)])
 
     def _emit_parts(self, chain: Chain, labels: list[str], btf_prefix: str) -> None:
-        first = self.numbering[(self.table.name, chain.name)] + (1 if chain.is_base else 0)
         for j, ((lo, hi), label) in enumerate(zip(self._parts(chain), labels, strict=True)):
             self._global(label, f"{btf_prefix}_{j}", f"{chain.name} rules {lo + 1}-{hi}")
-            for pos in range(lo + 1, hi + 1):
-                self._rule(chain, pos, chain.rules[pos - 1], first + pos - 1, True)
+            self._emit_range(chain, lo, hi, True)
             self.items.extend(nf.verdict(nf.RET_CONTINUE, "end of part"))
+
+    def _emit_range(self, chain: Chain, lo: int, hi: int, in_base: bool) -> None:
+        """Rules lo+1..hi (a whole number of segments), one by one or by lookups."""
+        first = self.numbering[(self.table.name, chain.name)] + (1 if chain.is_base else 0)
+        for a, b, run in self.lookups.segments_of(self.table.name, chain):
+            if a < lo or b > hi:
+                continue
+            if run is None:
+                self._rule(chain, b, chain.rules[a], first + a, in_base)
+            else:
+                self._run(chain, run, first, in_base)
 
     def _function(self, label: str, btf_name: str, kind: nf.FuncKind) -> None:
         self.funcs.append((label, btf_name, kind))
@@ -279,11 +366,16 @@ class _Program:
         the rest of the function, and gives up past 8192 of them."""
         parts: list[tuple[int, int]] = []
         lo = cost = 0
-        for pos, rule in enumerate(chain.rules, 1):
-            cost += _branch_cost(rule)
-            if cost > PART_BRANCHES and pos - 1 > lo:
-                parts.append((lo, pos - 1))
-                lo, cost = pos - 1, _branch_cost(rule)
+        for a, _, run in self.lookups.segments_of(self.table.name, chain):
+            c = _branch_cost(chain.rules[a])
+            if isinstance(run, Run):
+                c += 2 + len(run.actions)
+            elif run is not None:
+                c = 5 * run.words + 30 + len(run.actions)
+            cost += c
+            if cost > PART_BRANCHES and a > lo:
+                parts.append((lo, a))
+                lo, cost = a, c
         if lo < len(chain.rules) or not parts:
             parts.append((lo, len(chain.rules)))
         return parts
@@ -330,6 +422,44 @@ class _Program:
         assert policy is not None
         index = self.numbering[(self.table.name, self.base.name)]
         return [*_count(index), *nf.verdict(VERDICT_TARGETS[policy], f"policy {policy}")]
+
+    def _run(self, chain: Chain, run: Run | Classifier, first: int, in_base: bool) -> None:
+        """Rules of ``run``: the shared tests with the key field's test replaced by the
+        lookup, then the counter and the action of the rule the lookup names."""
+        pos = run.start + 1
+        prefix = f"{chain.name}#{pos}"
+        name = self.lookups.map_for(self.table.name, chain, run)
+        rep = run.rules[0]
+        em = Emitter(self.family, prefix, f"{prefix}:next", f"{prefix}:hotdrop")
+        if isinstance(run, Classifier):
+            lookup.emit_classifier(em, run, {k: f"{name}_{k}" for k in lookup.CLASSIFIER_MAPS})
+        else:
+            for f in header_fields(rep):
+                if f == run.field.value:
+                    lookup.emit_lookup(em, run, name)
+                else:
+                    HEADER[f].emit(em, rep, None)
+            for m in rep.matches:
+                MATCHERS[m.kind].emit(em, rep, m)
+        em.emit(asm.mov64(R1, lookup.INDEX_REG), asm.mov64(R2, R7), asm.call_local(COUNT_FUNC))
+        last = len(run.actions) - 1
+        for a, target in enumerate(run.actions):
+            other = f"{prefix}:action{a + 1}"
+            if a < last:
+                em.emit(asm.jmp("jne", lookup.ACTION_REG, a, other))
+            em.emit(*_action(replace(rep, target=target), em.fail, in_base, f"{prefix}:{a}"))
+            if a < last:
+                em.emit(Label(other))
+        if em.used_hotdrop:
+            em.emit(asm.ja(em.fail), Label(em.hotdrop),
+                    *nf.verdict(NfVerdict.DROP, "hot drop (as iptables' hotdrop)"))
+        em.emit(Label(em.fail))
+        start = f"rule:{first + run.start}"
+        self.rule_labels.append((start, first + run.start))
+        self.items.append(Label(start))
+        lines = run.lines
+        self.items.extend(_annotate(em.items, f"lines {lines[0]}-{lines[-1]}: {chain.name} rules "
+                                    f"{pos}-{run.stop} by lookup in {name}"))
 
     def _rule(self, chain: Chain, pos: int, rule: IrRule, index: int, in_base: bool) -> None:
         prefix = f"{chain.name}#{pos}"

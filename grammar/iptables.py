@@ -175,8 +175,10 @@ class _LazyCols(Sequence[int]):
 class _Parser:
     """State of one restore run over the input text."""
 
-    def __init__(self, family: int, filename: str) -> None:
+    def __init__(self, family: int, filename: str, base: Ruleset | None = None) -> None:
         self.family = family
+        self.base = base
+        self.live_chains: set[str] = set()  # live user chains not yet declared (--noflush)
         self.bits = 32 if family == 4 else 128
         self.skip_flag = "-6" if family == 4 else "-4"
         self.filename = filename
@@ -228,6 +230,15 @@ class _Parser:
         if name not in BUILTIN_CHAINS:
             raise self.error(f"unable to initialize table '{name}'", col=2)
         chains = {c: _ChainB(c, True, "ACCEPT", None, self.lineno) for c in BUILTIN_CHAINS[name]}
+        live = self.base.table(name) if self.base is not None else None
+        self.live_chains = set()
+        if live is not None:
+            # --noflush: the lines act on the live table.
+            for c in live.chains:
+                chains[c.name] = _ChainB(c.name, c.is_base, c.policy, c.counters, c.line,
+                                         list(c.rules))
+                if not c.is_base:
+                    self.live_chains.add(c.name)
         self.cur = _TableB(name, self.lineno, chains)
 
     def chain_line(self, line: str) -> None:
@@ -259,6 +270,13 @@ class _Parser:
             raise self.error(f"Can't set policy `{policy}' on `{name}' line {self.lineno}: "
                              "Bad built-in chain name", col=words[1].col,
                              exit_code=EXIT_LINE_FAILED)
+        if name in self.live_chains:
+            # --noflush: declaring a live user chain flushes it (once).
+            self.live_chains.discard(name)
+            chains[name].rules.clear()
+            chains[name].counters = counters
+            chains[name].line = self.lineno
+            return
         if name in chains:
             raise self.error(f"error creating chain '{name}': File exists", col=2)
         if name in VERDICTS or name in TARGETS:
@@ -1001,15 +1019,19 @@ def parse_command(argv: list[str], *, family: int = 4, table: str = "filter",
     return Ruleset(tuple(p.tables.values()))
 
 
-def parse_restore(text: str, *, family: int = 4, filename: str = "<stdin>") -> Ruleset:
+def parse_restore(text: str, *, family: int = 4, filename: str = "<stdin>",
+                  base: Ruleset | None = None) -> Ruleset:
     """Parse iptables-restore input (family 4) or ip6tables-restore input (family 6).
+
+    ``base`` is the live ruleset for ``--noflush``: a table the input names starts from its
+    chains and rules in ``base`` instead of empty.
 
     Raises ParseError (with line, col and the exit code iptables-restore would use) on
     input that iptables-restore refuses.
     """
     if family not in (4, 6):
         raise ValueError(f"family must be 4 or 6, not {family}")
-    return _Parser(family, filename).run(text)
+    return _Parser(family, filename, base).run(text)
 
 
 __all__ = ["BUILTIN_CHAINS", "ParseError", "grammar_text", "parse_command", "parse_restore"]

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import ipt_oracle
 from iptgen import GenOptions, GenRule, GenRuleset, GenTable, generate
 
 from bpfilter import netns, testbed
@@ -39,6 +41,9 @@ from bpfilter import netns, testbed
 MAGIC = b"BPFd"
 PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMP6 = 6, 17, 1, 58
 PROTO_FRAGMENT6 = 44  # IPv6 fragment header
+PROTO_HOPOPTS6, PROTO_DSTOPTS6 = 0, 60  # IPv6 hop-by-hop and destination options headers
+PADN_6 = b"\x01\x04\0\0\0\0"  # IPv6 PadN option filling an extension header to 8 bytes
+IPOPT_NOP = b"\x01"  # IPv4 no-operation option
 PROTO_OTHER = 253  # RFC 3692 experimentation: no kernel handler, conntrack's generic tracker
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK, TCP_URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
@@ -132,6 +137,7 @@ class Probe:
     flow: str = "new"
     fragmented: bool = False  # sent as two fragments (reassembled before the hooks judge it)
     forward: bool = False  # routed through the receiver (FORWARD) instead of delivered there
+    options: int = 0  # IPv4 option words / IPv6 extension headers before the transport header
 
     def describe(self) -> str:
         """One line: enough to rebuild the packet by hand."""
@@ -144,11 +150,14 @@ class Probe:
             text += f" flags {tcp_flag_names(self.flags)}"
         if self.proto in (PROTO_ICMP, PROTO_ICMP6):
             text += f" type {self.icmp_type} code {self.icmp_code}"
-        mark = f" mark {self.mark:#x}" if self.mark else ""
-        mark += " in 2 fragments" if self.fragmented else ""
-        mark += f" forwarded out {FWD_IFACE}" if self.forward else ""
+        extra = f" mark {self.mark:#x}" if self.mark else ""
+        extra += " in 2 fragments" if self.fragmented else ""
+        if self.options:
+            kind = "IP option words" if self.family == 4 else "extension headers"
+            extra += f" with {self.options} {kind}"
+        extra += f" forwarded out {FWD_IFACE}" if self.forward else ""
         return (f"{text} len {len(self.packet(b'0000'))} ttl {self.ttl} tos {self.tos:#x}"
-                f"{mark} in {RX_IFACES[self.iface]} flow {self.flow}")
+                f"{extra} in {RX_IFACES[self.iface]} flow {self.flow}")
 
     def opener(self) -> bytes | None:
         """The packet the receiver sends first (None for a new flow), as a full IP packet."""
@@ -192,7 +201,8 @@ class Probe:
                        body)
         else:
             l4 = body
-        return _ip(self.family, self.src, self.dst, self.proto, l4, self.ttl, self.tos)
+        return _ip(self.family, self.src, self.dst, self.proto, l4, self.ttl, self.tos,
+                   self.options)
 
     def wire(self, nonce: bytes) -> list[bytes]:
         """The IP packets to send: the packet, or its two fragments."""
@@ -227,11 +237,23 @@ class Probe:
         return ETH_P_IP if self.family == 4 else ETH_P_IPV6
 
 
-def _ip(family: int, src: str, dst: str, proto: int, l4: bytes, ttl: int, tos: int) -> bytes:
+def _ip(family: int, src: str, dst: str, proto: int, l4: bytes, ttl: int, tos: int,
+        options: int = 0) -> bytes:
+    """IPv4 header with ``options`` words of NOP options, or IPv6 header with ``options``
+    extension headers (1: destination options; 2: hop-by-hop, then destination options),
+    in front of ``l4``: filters must find the transport header past them."""
     s, d = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
     if family == 6:
-        return struct.pack("!IHBB", 0x60000000 | tos << 20, len(l4), proto, ttl) + s + d + l4
-    head = struct.pack("!BBHHHBBH", 0x45, tos, 20 + len(l4), 0, 0x4000, ttl, proto, 0) + s + d
+        kinds = (PROTO_HOPOPTS6, PROTO_DSTOPTS6)[2 - options :] if options else ()
+        # Each header: next header, length 0 (8 bytes), padding only.
+        chain = b"".join(struct.pack("!BB", after, 0) + PADN_6
+                         for after in (*kinds[1:], proto)) if kinds else b""
+        first = kinds[0] if kinds else proto
+        return struct.pack("!IHBB", 0x60000000 | tos << 20, len(chain) + len(l4), first,
+                           ttl) + s + d + chain + l4
+    ihl = 5 + options
+    head = struct.pack("!BBHHHBBH", 0x40 | ihl, tos, 4 * ihl + len(l4), 0, 0x4000, ttl, proto,
+                       0) + s + d + IPOPT_NOP * 4 * options
     head = head[:10] + struct.pack("!H", checksum(head)) + head[12:]
     return head + l4
 
@@ -295,24 +317,29 @@ RAW_WITHOUT = frozenset({"user_chains", "jump", "goto", "insert", "new_chain_cmd
                          "policy_cmd", "omit_builtin", "family_prefix", "file_comments"})
 
 
+RULESET_SIZES = (8, 24, 48)  # iptgen's max_rules, by seed: short rulesets and long ones
+
+
 def make_ruleset(seed: int, family: int, features: frozenset[str] = DIFF_FEATURES,
-                 max_rules: int = 24) -> GenRuleset:
+                 max_rules: int | None = None) -> GenRuleset:
     """The random ruleset for ``seed``: iptgen's filter table from the compiled subset, and
     in RAW_SHARE of the cases a raw table whose PREROUTING rules are the INPUT and FORWARD
-    rules (without -o) of a second iptgen ruleset (iptgen's own raw tables bring mangle and
-    nat along)."""
+    rules (without -o) of a second iptgen ruleset, and whose OUTPUT rules are its OUTPUT
+    rules (iptgen's own raw tables bring mangle and nat along)."""
+    if max_rules is None:
+        max_rules = RULESET_SIZES[seed // 3 % len(RULESET_SIZES)]
     gen = generate(seed, ruleset_options(family, max_rules, features))
     rng = random.Random(seed * 31 + family)
     if rng.random() >= RAW_SHARE:
         return gen
     donor = generate(seed + RAW_SEED, ruleset_options(
         family, max(1, max_rules // 3), features - RAW_WITHOUT))
-    rules = tuple(replace(r, chain="PREROUTING", command="-A", position=None)
-                  for t in donor.tables for r in t.body
-                  if isinstance(r, GenRule) and r.chain in ("INPUT", "FORWARD")
-                  and not any("-o" in clause for clause in r.clauses))
+    donated = [r for t in donor.tables for r in t.body if isinstance(r, GenRule)]
+    pre = [replace(r, chain="PREROUTING", command="-A", position=None) for r in donated
+           if r.chain in ("INPUT", "FORWARD") and not any("-o" in c for c in r.clauses)]
+    out = [replace(r, command="-A", position=None) for r in donated if r.chain == "OUTPUT"]
     policy = "DROP" if rng.random() < 0.1 else "ACCEPT"
-    raw = GenTable("raw", (("PREROUTING", policy), ("OUTPUT", "ACCEPT")), rules)
+    raw = GenTable("raw", (("PREROUTING", policy), ("OUTPUT", "ACCEPT")), (*pre, *out))
     return replace(gen, tables=(raw, *gen.tables))
 
 
@@ -457,21 +484,34 @@ def _pick_port(rng: random.Random, h: Hints) -> int:
     return rng.choice([rng.randrange(1, 1024), rng.randrange(1024, 65536), 0, 65535])
 
 
+AIMED = 0.7  # share of probes built to satisfy a path of rules
+ENTRIES = ("INPUT", "FORWARD", "OUTPUT", "raw:PREROUTING", "raw:OUTPUT")  # where paths start
+FORWARDED = 0.15  # share of random (not aimed) probes sent through the receiver
+FRAGMENTED = 0.05  # share of probes sent in two fragments
+WITH_OPTIONS = 0.1  # share of probes with IPv4 options or IPv6 extension headers
+MISS = 0.12  # chance that an aimed probe violates a given match (a near miss)
+OPTION_ARITY = {"-f": 0, "--syn": 0, "--tcp-flags": 2}  # values after each option, else 1
+CT_STEERABLE = ("NEW", "ESTABLISHED", "RELATED", "INVALID")  # states _flow_for can produce
+MARK_TTL = 100  # TTLs MARK_TTL.. MARK_TTL+MARKS-1 carry marks; other TTLs used are 1, 64, 255
+MARKS = 32
+
+
 def make_probes(ruleset: GenRuleset, seed: int, count: int, first_tag: int = 1) -> list[Probe]:
     """``count`` packets aimed at ``ruleset``: most satisfy every match of a random path of
-    rules through its chains (sometimes all but one: near misses), the rest combine values
-    the ruleset mentions with random ones; new, established and related flows; both
-    interfaces."""
+    rules from INPUT, FORWARD, raw PREROUTING or (through their flow opener) OUTPUT, some
+    all matches but one (near misses); the rest combine values the ruleset mentions with
+    random ones. New, established and related flows, both input interfaces, marks,
+    fragments, IPv4 options and IPv6 extension headers."""
     rng = random.Random(seed)
     h = hints(ruleset)
     chains = _chains(ruleset)
     probes: list[Probe] = []
     for i in range(count):
         p = _random_probe(rng, h, ruleset.family, first_tag + i)
-        entries = [c for c in ("INPUT", "FORWARD", "PREROUTING", "OUTPUT") if chains.get(c)]
+        entries = [c for c in ENTRIES if chains.get(c)]
         if entries and rng.random() < AIMED:
             entry = rng.choice(entries)
-            if entry == "OUTPUT":
+            if entry in ("OUTPUT", "raw:OUTPUT"):
                 p = _aim_opener(rng, replace(p, forward=False), _path(rng, chains, entry))
             else:
                 p = _aim(rng, replace(p, forward=entry == "FORWARD"),
@@ -480,19 +520,17 @@ def make_probes(ruleset: GenRuleset, seed: int, count: int, first_tag: int = 1) 
             # Only new flows are forwarded (openers come from the receiver itself); a TTL of
             # 1 would expire in the receiver before FORWARD.
             p = replace(p, tos=FWD_TOS, flow="new", ttl=max(p.ttl, 2))
-        if len(p.packet(b"0000")) > MAX_FRAME_PAYLOAD:
-            p = _fit_length(p, MAX_FRAME_PAYLOAD)
         if rng.random() < FRAGMENTED:
             p = replace(p, fragmented=True)
+        elif rng.random() < WITH_OPTIONS:
+            p = replace(p, options=rng.choice([1, 2]))
+        if len(p.packet(b"0000")) > MAX_FRAME_PAYLOAD:
+            p = _fit_length(p, MAX_FRAME_PAYLOAD)
         probes.append(p)
     # The receiver marks by TTL: give each distinct mark its own TTL (at most MARKS of them).
     marks = sorted({p.mark for p in probes if p.mark})[:MARKS]
     return [replace(p, ttl=MARK_TTL + marks.index(p.mark)) if p.mark in marks
             else replace(p, mark=0) for p in probes]
-
-
-MARK_TTL = 100  # TTLs MARK_TTL.. MARK_TTL+MARKS-1 carry marks; other TTLs used are 1, 64, 255
-MARKS = 32
 
 
 def mark_map(probes: Iterable[Probe]) -> dict[int, int]:
@@ -513,14 +551,6 @@ def mark_table(mapping: dict[int, int]) -> str:
         f"        meta nfproto ipv4 meta mark set ip ttl map {{ {pairs} }}\n"
         f"        meta nfproto ipv6 meta mark set ip6 hoplimit map {{ {pairs} }}\n"
         "    }\n}\n")
-
-
-AIMED = 0.7  # share of probes built to satisfy a path of rules
-FORWARDED = 0.15  # share of random (not aimed) probes sent through the receiver
-FRAGMENTED = 0.05  # share of probes sent in two fragments
-MISS = 0.12  # chance that an aimed probe violates a given match (a near miss)
-OPTION_ARITY = {"-f": 0, "--syn": 0, "--tcp-flags": 2}  # values after each option, else 1
-CT_STEERABLE = ("NEW", "ESTABLISHED", "RELATED", "INVALID")  # states _flow_for can produce
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,13 +582,13 @@ def constraints(rule: GenRule) -> list[Constraint]:
 
 
 def _chains(ruleset: GenRuleset) -> dict[str, list[GenRule]]:
-    # Filter chains by name, plus raw PREROUTING (the names do not collide).
+    # Filter chains by name, raw chains as raw:NAME.
     chains: dict[str, list[GenRule]] = {}
     for table in ruleset.tables:
         for item in table.body:
-            if isinstance(item, GenRule) and (
-                    table.name == "filter" or (table.name, item.chain) == ("raw", "PREROUTING")):
-                chains.setdefault(item.chain, []).append(item)
+            if isinstance(item, GenRule) and table.name in ("filter", "raw"):
+                name = item.chain if table.name == "filter" else f"raw:{item.chain}"
+                chains.setdefault(name, []).append(item)
     return chains
 
 
@@ -644,7 +674,8 @@ def _icmp_probe(rng: random.Random, p: Probe, h: Hints) -> Probe:
 
 def _aim(rng: random.Random, p: Probe, path: Sequence[GenRule]) -> Probe:
     """``p`` changed to satisfy the options along ``path`` (each violated with chance MISS).
-    Options that cannot be steered from outside (mark, fragments) are left to chance."""
+    Options the probes cannot vary (-f: reassembled first; -o: one way out) are left as
+    they fall."""
     length: tuple[int, int, bool] | None = None
     for rule in path:
         for c in constraints(rule):
@@ -1015,6 +1046,14 @@ def save_coverage(save_text: str) -> tuple[int, int]:
     return sum(counted), len(counted)
 
 
+def missing_tools() -> str | None:
+    """Why the harness cannot run here (a skip reason), or None."""
+    reason = ipt_oracle.missing_tools()
+    if reason is None and shutil.which("nft") is None:
+        reason = "nftables `nft` not installed (turns conntrack on, sets marks)"
+    return reason
+
+
 def bpfilter_unavailable() -> str | None:
     """Why the bpfilter side cannot run (an import failure), or None."""
     try:
@@ -1228,8 +1267,7 @@ class Receiver:
         socks = [*self._socks, *self._far_socks]
         self._drain(socks, nonce, {}, set())  # discard leftovers of an earlier batch
         frames = sum(len(p.wire(nonce)) for p in probes)
-        received, forwarded = ip_counters(self.ns)
-        far_received, _ = ip_counters(self.far)
+        received = ip_received(self.ns)
         # One CPU: frames are queued to the sending CPU's backlog, so packets of one flow
         # reach conntrack in the order they were sent.
         cpus = os.sched_getaffinity(0)
@@ -1246,11 +1284,11 @@ class Receiver:
         finally:
             os.sched_setaffinity(0, cpus)
         # Under load the kernel may defer packet processing to ksoftirqd: first wait until
-        # the receiver's IP layer has taken in every frame, and the far side every packet
-        # the receiver forwarded; then until no delivery comes for SETTLE seconds.
-        _wait_counter(self.ns, 0, received + frames)
-        forwarded = ip_counters(self.ns)[1] - forwarded
-        _wait_counter(self.far, 0, far_received + forwarded)
+        # the receiver's IP layer has taken in every frame, then until no delivery comes for
+        # SETTLE seconds. (Forwarded packets reach the far side through the same CPU's
+        # backlog right after; the kernel's forwarding counter cannot help, it counts before
+        # the FORWARD hook.)
+        _wait_received(self.ns, received + frames)
         deadline = time.monotonic() + SETTLE
         while time.monotonic() < deadline:
             select.select([s for _, s in socks], [], [], SETTLE / 3)
@@ -1300,25 +1338,23 @@ def receiver(prefix: str = "bpfd") -> Iterator[Receiver]:
             testbed.delete(far)
 
 
-def ip_counters(ns: str) -> tuple[int, int]:
-    """(IP packets received, IP packets forwarded) in ``ns`` so far, IPv4 plus IPv6."""
+def ip_received(ns: str) -> int:
+    """IP packets (IPv4 and IPv6, fragments counted one by one) received in ``ns`` so far."""
     with netns.entered(ns):
         # thread-self: this thread's namespace (/proc/self/net is the process leader's).
         with open("/proc/thread-self/net/snmp") as f:
             names, values = (line.split() for line in f.read().splitlines()[:2])
         with open("/proc/thread-self/net/snmp6") as f:
             six = dict(line.split() for line in f if line.strip())
-    ip = dict(zip(names[1:], map(int, values[1:]), strict=True))
-    return (ip["InReceives"] + int(six["Ip6InReceives"]),
-            ip["ForwDatagrams"] + int(six["Ip6OutForwDatagrams"]))
+    return int(values[names.index("InReceives")]) + int(six["Ip6InReceives"])
 
 
-def _wait_counter(ns: str, index: int, target: int, timeout: float = 10.0) -> None:
+def _wait_received(ns: str, target: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while ip_counters(ns)[index] < target:
+    while (now := ip_received(ns)) < target:
         if time.monotonic() > deadline:
-            raise HarnessError(f"{ns}: the kernel did not take in the sent packets within "
-                               f"{timeout} s")
+            raise HarnessError(f"{ns}: the kernel took in {target - now} fewer IP packets than "
+                               f"were sent within {timeout} s")
         time.sleep(0.001)
 
 
@@ -1392,7 +1428,7 @@ def run_case(seed: int, family: int, sides: Sequence[tuple[Backend, Receiver]],
     gen = ruleset(seed, family)
     text = gen.render()
     probes = make_probes(gen, seed, packets)
-    accepted: list[Observed] = []
+    observed: list[Observed] = []
     refused: str | None = None
     error: str | None = None
     coverage = (0, 0)
@@ -1404,21 +1440,21 @@ def run_case(seed: int, family: int, sides: Sequence[tuple[Backend, Receiver]],
             if index == 0:
                 raise HarnessError(f"the reference refused seed {seed}: {e}") from e
             refused = str(e) or type(e.__cause__).__name__
-            accepted.append(Observed())
+            observed.append(Observed())
             continue
         except Exception as e:
             if index == 0:
                 raise
             error = "".join(traceback.format_exception(e)).rstrip()
-            accepted.append(Observed())
+            observed.append(Observed())
             continue
         try:
-            accepted.append(rx.send(probes, nonce))
+            observed.append(rx.send(probes, nonce))
             if index == 0 and isinstance(backend, IptablesBackend):
                 coverage = backend.coverage(rx.ns)
         finally:
             backend.clear(rx.ns)
-    return CaseResult(seed, family, text, tuple(probes), accepted[0], accepted[1], refused,
+    return CaseResult(seed, family, text, tuple(probes), observed[0], observed[1], refused,
                       error, coverage)
 
 

@@ -7,6 +7,7 @@ import struct
 from dataclasses import replace
 from typing import Any
 
+import difftest
 import pytest
 from difftest import (
     BED_SUBNET,
@@ -194,7 +195,7 @@ def test_rulesets_stay_in_the_compiled_subset(family: int) -> None:
             assert word not in text, (seed, word)
         for table in gen.tables:
             chains = {r.chain for r in table.body if isinstance(r, GenRule)}
-            assert table.name == "filter" or chains <= {"PREROUTING"}
+            assert table.name == "filter" or chains <= {"PREROUTING", "OUTPUT"}
     assert 4 <= raw <= 24
     assert make_ruleset(5, family).render() == make_ruleset(5, family).render()
 
@@ -387,3 +388,35 @@ def test_fragments_reassemble_to_the_packet(family: int, proto: int) -> None:
     assert first[head:] + second[head:] == whole[20 if family == 4 else 40:]
     assert delivered_tag(first, NONCE) is None  # the tag is in the second fragment
     assert _probe(family, proto).wire(NONCE) == [_probe(family, proto).packet(NONCE)]
+
+
+@pytest.mark.parametrize("proto", [PROTO_TCP, PROTO_UDP, PROTO_ICMP6])
+def test_ipv6_extension_headers_chain_to_the_transport_header(proto: int) -> None:
+    plain = _probe(6, proto)
+    for count, chain in ((1, [60]), (2, [0, 60])):
+        p = replace(plain, options=count)
+        packet = p.packet(NONCE)
+        assert packet[6] == chain[0] and len(packet) == len(plain.packet(NONCE)) + 8 * count
+        assert struct.unpack("!H", packet[4:6])[0] == len(packet) - 40
+        for i in range(count):  # each header names the next; the last names the protocol
+            assert packet[40 + 8 * i] == ([*chain[1:], proto])[i]
+        assert packet[40 + 8 * count :] == plain.packet(NONCE)[40:]  # same transport bytes
+
+
+def test_ipv4_options_grow_the_header() -> None:
+    plain = _probe(4, PROTO_UDP)
+    p = replace(plain, options=2)
+    packet = p.packet(NONCE)
+    assert packet[0] == 0x47 and checksum(packet[:28]) == 0
+    assert packet[20:28] == b"\x01" * 8 and packet[28:] == plain.packet(NONCE)[20:]
+    assert struct.unpack("!H", packet[2:4])[0] == len(packet)
+    assert delivered_tag(packet, NONCE) == p.tag
+
+
+def test_a_missing_compiler_is_a_skip_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> object:
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(difftest.importlib, "import_module", missing)
+    reason = difftest.bpfilter_unavailable()
+    assert reason is not None and "bpfilter.codegen.compiler" in reason

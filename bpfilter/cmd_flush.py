@@ -1,0 +1,41 @@
+"""`bpfilter flush`: remove everything bpfilter loaded in a network namespace."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bpfilter import bpf, bpffs, netns, state
+from bpfilter.restore import CliExit, locked
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "flush",
+        help="remove every table bpfilter loaded (dispatchers, programs, maps, pins)",
+        description="Detach and remove everything bpfilter-restore loaded in a network "
+        "namespace: filtering by bpfilter stops there at once.",
+    )
+    p.add_argument("--netns", metavar="NAME", default=None,
+                   help="network namespace from `ip netns list` (default: this one)")
+    p.add_argument("-w", "--wait", type=float, nargs="?", const=float("inf"), default=None,
+                   metavar="SECS", help="wait for the bpfilter lock (default: fail at once)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        state.require_root("bpfilter flush")
+        if args.netns is not None:
+            netns.check_name(args.netns)
+        with locked(args.wait):
+            removed = state.flush(args.netns)
+    except CliExit as e:
+        sys.stderr.write(e.err)
+        return e.code
+    except (state.StateError, netns.NetnsError, bpffs.BpffsError, bpf.BpfError) as e:
+        print(f"bpfilter flush: {e}", file=sys.stderr)
+        return 4
+    for key in removed:
+        print(f"removed {key.prefix}")
+    return 0

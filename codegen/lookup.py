@@ -1,0 +1,238 @@
+"""Code and map contents for optimizer runs: map lookups that pick a run's first match.
+
+The lookup's map maps a key built from the meta area to ``struct { u32 counter index; u32
+action; }``: the counter of the first rule of the run that matches, and the index of its
+target in the run's actions. A miss falls through to the rule after the run.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from bpfilter.codegen import asm
+from bpfilter.codegen import flavor_netfilter as nf
+from bpfilter.codegen.asm import Label
+from bpfilter.codegen.helpers import BpfFunc
+from bpfilter.codegen.insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9
+from bpfilter.codegen.matchers import TCP_HEADER, UDP_HEADER, Emitter
+from bpfilter.codegen.opcodes import Size
+from bpfilter.codegen.spec import MapSpec
+from bpfilter.codegen.uapi import MapFlag, MapType
+from bpfilter.ir.optimizer import (
+    HOTDROP,
+    NOMATCH,
+    NORMAL,
+    PORT_SPACE,
+    Classifier,
+    KeyField,
+    PortField,
+    Run,
+)
+
+Items = tuple[tuple[bytes, bytes], ...]
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+
+VALUE = struct.Struct("<II")  # counter index, action
+KEY_SLOT = -24  # the key on the stack of the function doing the lookup (at most 20 bytes)
+INDEX_REG = R6  # after a hit: the counter index of the matching rule
+ACTION_REG = R8  # after a hit: its action number
+
+# Offsets of the addresses in the IP header: (IPv4, IPv6).
+_ADDR = {KeyField.SRC: (12, 8), KeyField.DST: (16, 24)}
+
+
+def key_size(run: Run) -> int:
+    """Bytes of the run's map key: u32 prefix length + address, or a u32 protocol."""
+    return 4 + run.bits // 8 if run.field.is_prefix else 4
+
+
+def map_spec(name: str, run: Run) -> MapSpec:
+    """The run's map, sized to its entries."""
+    if run.field.is_prefix:
+        return MapSpec(name, MapType.LPM_TRIE, key_size(run), VALUE.size, len(run.entries),
+                       int(MapFlag.NO_PREALLOC))
+    return MapSpec(name, MapType.HASH, key_size(run), VALUE.size, len(run.entries))
+
+
+def map_contents(run: Run, first_index: int) -> tuple[tuple[bytes, bytes], ...]:
+    """(key, value) pairs for the run's map; ``first_index`` is the counter index of the
+    first rule of the run (rules of a chain have consecutive counter indices)."""
+    pack = VALUE.pack
+    acts = run.action_of
+    if not run.field.is_prefix:
+        return tuple((struct.pack("<I", key), pack(first_index + k, acts[k]))
+                     for key, _, k in run.entries)
+    nbytes = run.bits // 8
+    return tuple((length.to_bytes(4, "little") + addr.to_bytes(nbytes, "big"),
+                  pack(first_index + k, acts[k]))
+                 for addr, length, k in run.entries)
+
+
+def emit_lookup(em: Emitter, run: Run, map_name: str) -> None:
+    """Look the packet's key up; on a miss jump to ``em.fail``, on a hit leave the counter
+    index in INDEX_REG and the action number in ACTION_REG (both callee-saved)."""
+    if run.field is KeyField.PROTO:
+        if em.family == 6:
+            # As emit_proto: an unparsable IPv6 header chain hot-drops a rule with -p.
+            em.emit(asm.ldx(Size.W, R1, R7, nf.PROTO_ERROR), asm.jmp("jne", R1, 0, em.hot()))
+        em.emit(asm.ldx(Size.W, R1, R7, nf.PROTO), asm.stx(Size.W, FP, KEY_SLOT, R1))
+    else:
+        v4, v6 = _ADDR[run.field]
+        off = nf.L3 + (v4 if em.family == 4 else v6)
+        em.emit(asm.st(Size.W, FP, KEY_SLOT, run.bits, comment="key.prefixlen"))
+        for i in range(0, run.bits // 8, 4):
+            em.emit(asm.ldx(Size.W, R1, R7, off + i), asm.stx(Size.W, FP, KEY_SLOT + 4 + i, R1))
+    em.emit(
+        asm.ld_map_fd(R1, map_name),
+        asm.mov64(R2, FP),
+        asm.add64(R2, KEY_SLOT),
+        asm.call_helper(BpfFunc.map_lookup_elem),
+        asm.jmp("jeq", R0, 0, em.fail),
+        asm.ldx(Size.W, INDEX_REG, R0, 0, comment="counter index of the first match"),
+        asm.ldx(Size.W, ACTION_REG, R0, 4, comment="its action"),
+    )
+
+
+# --- bit-vector classifiers (ir/optimizer.Classifier) ------------------------------------------
+
+ACTS = struct.Struct("<III")  # counter index, action, 1 when the rule tests ports
+_CLASS_REG = R9  # the packet class (optimizer NORMAL / NOMATCH / HOTDROP)
+_PTRS = (R3, R4, R5, R6, R8)  # bitmaps of src, dst, proto, sport, dport during the scan
+_SPILL = (-32, -40, -48, -56, -64)  # where the bitmap pointers wait across the lookups
+CLASSIFIER_MAPS = ("src", "dst", "proto", "sidx", "sbits", "didx", "dbits", "acts")
+
+
+def classifier_maps(prefix: str, cls: Classifier,
+                    first_index: int) -> list[tuple[MapSpec, tuple[tuple[bytes, bytes], ...]]]:
+    """The classifier's maps (named ``prefix + "_" + CLASSIFIER_MAPS[i]``) and contents."""
+    size = cls.words * 8
+    u32 = struct.Struct("<I").pack
+
+    def bitmap(b: int) -> bytes:
+        return b.to_bytes(size, "little")
+
+    def trie(kind: str, entries: tuple[tuple[int, int, int], ...]) -> tuple[MapSpec, Items]:
+        spec = MapSpec(f"{prefix}_{kind}", MapType.LPM_TRIE, 8, size, len(entries),
+                       int(MapFlag.NO_PREALLOC))
+        return spec, tuple((u32(n) + a.to_bytes(4, "big"), bitmap(b)) for a, n, b in entries)
+
+    def array(kind: str, values: list[bytes], value_size: int) -> tuple[MapSpec, Items]:
+        spec = MapSpec(f"{prefix}_{kind}", MapType.ARRAY, 4, value_size, len(values))
+        return spec, tuple((u32(i), v) for i, v in enumerate(values))
+
+    def port_index(field: PortField) -> list[bytes]:
+        bounds = [*field.starts[1:], PORT_SPACE]
+        out: list[bytes] = []
+        for i, end in enumerate(bounds):
+            out.extend([u32(i)] * (end - len(out)))
+        return out
+
+    acts = [ACTS.pack(first_index + k, a, int(p))
+            for k, (a, p) in enumerate(zip(cls.action_of, cls.ported, strict=True))]
+    return [
+        trie("src", cls.src),
+        trie("dst", cls.dst),
+        array("proto", [bitmap(b) for b in cls.proto], size),
+        array("sidx", port_index(cls.sport), 4),
+        array("sbits", [bitmap(b) for b in cls.sport.bitmaps], size),
+        array("didx", port_index(cls.dport), 4),
+        array("dbits", [bitmap(b) for b in cls.dport.bitmaps], size),
+        array("acts", acts, ACTS.size),
+    ]
+
+
+def _lookup(em: Emitter, map_name: str, spill: int | None) -> None:
+    """Look up the key at KEY_SLOT; a miss fails the block; keep the value pointer at
+    ``spill`` (or in R0)."""
+    em.emit(asm.ld_map_fd(R1, map_name), asm.mov64(R2, FP), asm.add64(R2, KEY_SLOT),
+            asm.call_helper(BpfFunc.map_lookup_elem), asm.jmp("jeq", R0, 0, em.fail))
+    if spill is not None:
+        em.emit(asm.stx(Size.DW, FP, spill, R0))
+
+
+def _packet_class(em: Emitter) -> None:
+    classed, length, udp = em.label("classed"), em.label("len"), em.label("udp")
+    em.emit(
+        asm.mov64(_CLASS_REG, NORMAL),
+        asm.ldx(Size.W, R2, R7, nf.PROTO),
+        asm.ldx(Size.W, R1, R7, nf.FRAG),
+        asm.jmp("jeq", R1, 0, length),
+        # A later fragment: port tests fail, except tcp_mt's hot drop at offset 1 (IPv4).
+        asm.mov64(_CLASS_REG, NOMATCH),
+        asm.jmp("jne", R1, 1, classed),
+        asm.jmp("jne", R2, IPPROTO_TCP, classed),
+        asm.mov64(_CLASS_REG, HOTDROP),
+        asm.ja(classed),
+        Label(length),
+        # A transport header too short for the tcp/udp match: it hot-drops.
+        asm.ldx(Size.W, R1, R7, nf.L4_LEN),
+        asm.jmp("jne", R2, IPPROTO_TCP, udp),
+        asm.jmp("jge", R1, TCP_HEADER, classed),
+        asm.mov64(_CLASS_REG, HOTDROP),
+        asm.ja(classed),
+        Label(udp),
+        asm.jmp("jne", R2, IPPROTO_UDP, classed),
+        asm.jmp("jge", R1, UDP_HEADER, classed),
+        asm.mov64(_CLASS_REG, HOTDROP),
+        Label(classed),
+    )
+
+
+def _port_bitmap(em: Emitter, cls: Classifier, names: dict[str, str], which: int,
+                 idx: str, bits: str, spill: int) -> None:
+    field = cls.sport if which == 0 else cls.dport
+    have = em.label("interval")
+    em.emit(asm.mov64(R1, len(field.bitmaps) - 1, comment="every rule: ports not looked at"),
+            asm.jmp("jne", _CLASS_REG, NORMAL, have),
+            asm.ldx(Size.H, R1, R7, nf.L4 + which), asm.to_be(R1, 16),
+            asm.stx(Size.W, FP, KEY_SLOT, R1))
+    _lookup(em, names[idx], None)
+    em.emit(asm.ldx(Size.W, R1, R0, 0), Label(have), asm.stx(Size.W, FP, KEY_SLOT, R1))
+    _lookup(em, names[bits], spill)
+
+
+def emit_classifier(em: Emitter, cls: Classifier, names: dict[str, str]) -> None:
+    """Bit-vector search: five lookups, AND of their bitmaps word by word, first set bit.
+    On a hit INDEX_REG and ACTION_REG are set as for emit_lookup; no rule: ``em.fail``.
+    ``names`` maps CLASSIFIER_MAPS kinds to map names."""
+    _packet_class(em)
+    for kind, v4 in (("src", 12), ("dst", 16)):
+        em.emit(asm.st(Size.W, FP, KEY_SLOT, 32, comment=f"{kind} key.prefixlen"),
+                asm.ldx(Size.W, R1, R7, nf.L3 + v4), asm.stx(Size.W, FP, KEY_SLOT + 4, R1))
+        _lookup(em, names[kind], _SPILL[0 if kind == "src" else 1])
+    plain = em.label("proto")
+    em.emit(asm.ldx(Size.W, R1, R7, nf.PROTO),
+            asm.jmp("jne", _CLASS_REG, NOMATCH, plain),
+            asm.add64(R1, 256, comment="bitmaps without the rules that test ports"),
+            Label(plain), asm.stx(Size.W, FP, KEY_SLOT, R1))
+    _lookup(em, names["proto"], _SPILL[2])
+    _port_bitmap(em, cls, names, 0, "sidx", "sbits", _SPILL[3])
+    _port_bitmap(em, cls, names, 2, "didx", "dbits", _SPILL[4])
+    for reg, spill in zip(_PTRS, _SPILL, strict=True):
+        em.emit(asm.ldx(Size.DW, reg, FP, spill))
+    found = em.label("found")
+    for i in range(cls.words):
+        nxt = em.label("word")
+        em.emit(asm.ldx(Size.DW, R1, _PTRS[0], 8 * i), asm.jmp("jeq", R1, 0, nxt))
+        for reg in _PTRS[1:]:
+            em.emit(asm.ldx(Size.DW, R2, reg, 8 * i), asm.and64(R1, R2),
+                    asm.jmp("jeq", R1, 0, nxt))
+        em.emit(asm.mov64(R0, 64 * i), asm.ja(found), Label(nxt))
+    em.emit(asm.ja(em.fail), Label(found))
+    for shift in (32, 16, 8, 4, 2, 1):  # r0 += index of the lowest bit set in r1
+        low = em.label("low")
+        if shift == 32:
+            em.emit(asm.mov32(R2, R1))
+        else:
+            em.emit(asm.mov64(R2, R1), asm.and64(R2, (1 << shift) - 1))
+        em.emit(asm.jmp("jne", R2, 0, low), asm.rsh64(R1, shift), asm.add64(R0, shift),
+                Label(low))
+    em.emit(asm.stx(Size.W, FP, KEY_SLOT, R0))
+    _lookup(em, names["acts"], None)
+    ok = em.label("act")
+    em.emit(asm.ldx(Size.W, INDEX_REG, R0, 0, comment="counter index of the first match"),
+            asm.ldx(Size.W, ACTION_REG, R0, 4, comment="its action"),
+            asm.ldx(Size.W, R1, R0, 8),
+            asm.jmp("jne", _CLASS_REG, HOTDROP, ok),
+            asm.jmp("jne", R1, 0, em.hot()),
+            Label(ok))

@@ -1,0 +1,435 @@
+"""Find runs of rules that one map lookup can decide, keeping iptables' first-match order exact.
+
+A *run* is a stretch of consecutive rules of one chain that are equal except for one *key
+field* (source prefix, destination prefix or protocol) and a terminal target. Because the
+other tests are identical for every rule of the run, a packet matches the run exactly when
+those tests hold and some rule's key matches; the rule iptables picks is then the
+lowest-numbered rule whose key matches, and a table that maps each key to that rule decides
+the whole run with one lookup:
+
+- prefixes go into a longest-prefix-match table holding, for each prefix of the run, the
+  first rule whose prefix *contains* it. The rules whose prefix contains an address are
+  exactly the ancestors of the longest stored prefix that contains it (every rule prefix is
+  stored), so the longest match answers the first rule of the run that matches;
+- exact keys (protocols) go into a hash table holding the first rule with that key.
+
+Targets must be terminal (ACCEPT, DROP, RETURN, goto): a rule whose target may let the
+packet continue (no target, a jump) could be followed by another matching rule of the same
+run. Negated key fields, non-contiguous masks and anything else stay linear.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from bpfilter.ir.model import PortRange, Prefix, Rule, Target, TargetKind
+
+MIN_RUN = 4  # shorter runs stay linear: a lookup costs about as much as a few tests
+MAX_ACTIONS = 8  # distinct targets a run may mix (the code dispatches on the action number)
+_TERMINAL_VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN"})
+
+
+class KeyField(enum.Enum):
+    """The rule field a lookup replaces; the value is the rule header option's spelling."""
+
+    SRC = "-s"
+    DST = "-d"
+    PROTO = "-p"
+
+    @property
+    def is_prefix(self) -> bool:
+        return self is not KeyField.PROTO
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Rules ``start .. start + len(rules) - 1`` (0-based in the chain) decided by one lookup.
+
+    ``actions`` are the run's distinct targets; ``action_of[k]`` is the index in ``actions``
+    of rule k's target. ``entries`` is the table: (key, prefix length, rule k) where key is
+    an address (prefix fields, masked) or a protocol number (length 0); a packet whose key
+    finds entry (key, length, k) is decided by rule k of the run.
+    """
+
+    field: KeyField
+    start: int
+    rules: tuple[Rule, ...]
+    actions: tuple[Target, ...]
+    action_of: tuple[int, ...]
+    entries: tuple[tuple[int, int, int], ...]
+    bits: int = 32  # address width (prefix fields)
+
+    @property
+    def stop(self) -> int:
+        """Index (0-based) of the first rule after the run."""
+        return self.start + len(self.rules)
+
+    @property
+    def lines(self) -> tuple[int, ...]:
+        return tuple(r.line for r in self.rules)
+
+    def first_match(self, key: int) -> int | None:
+        """Rule k (0-based in the run) the table answers for a packet's key, or None: the
+        same lookup the generated code does, in Python (longest prefix, or exact)."""
+        best: tuple[int, int] | None = None  # (length, k)
+        for addr, length, k in self.entries:
+            if not self.field.is_prefix:
+                if addr == key:
+                    return k
+                continue
+            shift = self.bits - length
+            if key >> shift == addr >> shift and (best is None or length > best[0]):
+                best = (length, k)
+        return None if best is None else best[1]
+
+
+def terminal(t: Target | None) -> bool:
+    """True for a target after which no later rule of the chain sees the packet."""
+    if t is None:
+        return False
+    if t.kind is TargetKind.VERDICT:
+        return t.name in _TERMINAL_VERDICTS
+    return t.kind is TargetKind.GOTO
+
+
+def _key(rule: Rule, field: KeyField) -> int | tuple[int, int] | None:
+    """The rule's key for ``field`` ((addr, length) for prefixes), None when not eligible."""
+    if not terminal(rule.target):
+        return None
+    if field is KeyField.PROTO:
+        if rule.proto is None or rule.proto == 0 or rule.proto_neg:
+            return None
+        return rule.proto
+    p, neg = (rule.src, rule.src_neg) if field is KeyField.SRC else (rule.dst, rule.dst_neg)
+    if p is None or neg:
+        return None
+    n = p.length
+    if n is None:
+        return None
+    return p.addr, n
+
+
+def _shape(rule: Rule, field: KeyField) -> tuple[object, ...]:
+    """Everything the rule tests except its key field: equal shapes, equal tests."""
+    r = rule
+    return (None if field is KeyField.SRC else r.src, r.src_neg,
+            None if field is KeyField.DST else r.dst, r.dst_neg,
+            r.iif, r.iif_neg, r.oif, r.oif_neg,
+            None if field is KeyField.PROTO else r.proto, r.proto_neg, r.fragment, r.matches)
+
+
+def find_runs(rules: Sequence[Rule], min_run: int = MIN_RUN) -> list[Run]:
+    """The runs of ``rules`` (one chain, in order), left to right, not overlapping; at each
+    position the key field giving the longest run wins."""
+    n = len(rules)
+    keys = {f: [_key(r, f) for r in rules] for f in KeyField}
+    shapes: dict[KeyField, list[tuple[object, ...] | None]] = {
+        f: [_shape(r, f) if k is not None else None for r, k in zip(rules, keys[f], strict=True)]
+        for f in KeyField
+    }
+    out: list[Run] = []
+    i = 0
+    while i < n:
+        best: tuple[int, KeyField] | None = None
+        for f in KeyField:
+            s = shapes[f][i]
+            if s is None:
+                continue
+            j = i + 1
+            targets = {rules[i].target}
+            while j < n and shapes[f][j] == s:
+                t = rules[j].target
+                if t not in targets and len(targets) >= MAX_ACTIONS:
+                    break
+                targets.add(t)
+                j += 1
+            if j - i >= min_run and (best is None or j - i > best[0] - i):
+                best = (j, f)
+        if best is None:
+            i += 1
+            continue
+        j, f = best
+        out.append(build_run(rules[i:j], f, i))
+        i = j
+    return out
+
+
+def build_run(rules: Sequence[Rule], field: KeyField, start: int = 0) -> Run:
+    """The lookup table deciding ``rules`` by ``field`` (every rule must be eligible)."""
+    actions: list[Target] = []
+    action_of: list[int] = []
+    for r in rules:
+        assert r.target is not None
+        if r.target not in actions:
+            actions.append(r.target)
+        action_of.append(actions.index(r.target))
+    if field is KeyField.PROTO:
+        first: dict[int, int] = {}
+        for k, r in enumerate(rules):
+            assert r.proto is not None
+            first.setdefault(r.proto, k)
+        entries = tuple((proto, 0, k) for proto, k in first.items())
+        return Run(field, start, tuple(rules), tuple(actions), tuple(action_of), entries)
+    prefixes: list[Prefix] = []
+    for r in rules:
+        p = r.src if field is KeyField.SRC else r.dst
+        assert p is not None
+        prefixes.append(p)
+    bits = prefixes[0].bits
+    return Run(field, start, tuple(rules), tuple(actions), tuple(action_of),
+               first_containing(prefixes, bits), bits)
+
+
+def first_containing(prefixes: Sequence[Prefix], bits: int) -> tuple[tuple[int, int, int], ...]:
+    """For each distinct prefix Q: (Q.addr, len Q, lowest k such that prefixes[k] contains Q).
+
+    Only the prefix lengths present are probed, so a blocklist of /32s costs one dictionary
+    probe per rule.
+    """
+    full = (1 << bits) - 1
+    exact: dict[tuple[int, int], int] = {}  # (length, addr) -> first rule with that prefix
+    for k, p in enumerate(prefixes):
+        n = p.length
+        assert n is not None
+        exact.setdefault((n, p.addr), k)
+    lengths = sorted({n for n, _ in exact})
+    masks = {n: (full << (bits - n)) & full for n in lengths}
+    out = []
+    for (n, addr), k in exact.items():
+        best = k
+        for m in lengths:
+            if m >= n:
+                break
+            j = exact.get((m, addr & masks[m]))
+            if j is not None and j < best:
+                best = j
+        out.append((addr, n, best))
+    return tuple(out)
+
+
+def explain(rules: Sequence[Rule], runs: Sequence[Run]) -> list[str]:
+    """One line per run: which rules (input lines) became which table."""
+    out = []
+    for n, run in enumerate(runs):
+        kind = "lpm_trie" if run.field.is_prefix else "hash"
+        lines = run.lines
+        out.append(f"table {n}: rules {run.start + 1}-{run.stop} (lines {lines[0]}-{lines[-1]}) "
+                   f"-> {kind} on {run.field.value}, {len(run.entries)} entries, "
+                   f"{len(run.actions)} action(s): "
+                   + ", ".join(f"{'-g ' if t.kind is TargetKind.GOTO else ''}{t.name}"
+                               for t in run.actions))
+    return out
+
+
+# --- multi-field runs: linear bit-vector search ------------------------------------------------
+#
+# A stretch of rules that test only source and destination prefixes, a protocol and tcp/udp
+# port ranges (ClassBench shape) is decided by bit-vector search, as bpf-iptables does: one
+# lookup per field answers the set of rules (a bitmap, bit k = rule k of the stretch) that
+# field admits; the first bit set in the AND of the bitmaps is the first rule that matches.
+#
+# Packets whose ports the tcp/udp matches cannot judge take other bitmaps (the port fields
+# then admit every rule): a non-first fragment ("nomatch": rules with ports never match it),
+# or a transport header too short or an IPv4 TCP fragment at offset 1 ("hotdrop": the first
+# rule whose addresses and protocol match hot-drops the packet if it has ports).
+
+MIN_CLASSIFIER = 64  # shorter stretches are cheaper one rule at a time
+PORT_SPACE = 65536
+NORMAL, NOMATCH, HOTDROP = 0, 1, 2  # packet classes; proto bitmaps: NOMATCH at 256 + proto
+
+
+@dataclass(frozen=True, slots=True)
+class PortField:
+    """Elementary port intervals: ``starts[i]`` is the first port of interval i (starts[0]
+    = 0); ``bitmaps[i]`` the rules admitting it; one more bitmap admits every rule."""
+
+    starts: tuple[int, ...]
+    bitmaps: tuple[int, ...]
+
+    def interval(self, port: int) -> int:
+        lo, hi = 0, len(self.starts) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.starts[mid] <= port:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+@dataclass(frozen=True, slots=True)
+class Classifier:
+    """Rules ``start ..`` of a chain decided by bit-vector search.
+
+    ``src``/``dst``: (address, prefix length, bitmap) for every prefix that a rule uses
+    (and /0), the bitmap holding the rules whose prefix contains it; ``proto``: 512 bitmaps,
+    by protocol (NORMAL) and 256 + protocol (NOMATCH); ``ported[k]``: rule k tests ports.
+    """
+
+    start: int
+    rules: tuple[Rule, ...]
+    actions: tuple[Target, ...]
+    action_of: tuple[int, ...]
+    ported: tuple[bool, ...]
+    src: tuple[tuple[int, int, int], ...]
+    dst: tuple[tuple[int, int, int], ...]
+    proto: tuple[int, ...]
+    sport: PortField
+    dport: PortField
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.rules)
+
+    @property
+    def words(self) -> int:
+        """64-bit words per bitmap."""
+        return (len(self.rules) + 63) // 64
+
+    @property
+    def lines(self) -> tuple[int, ...]:
+        return tuple(r.line for r in self.rules)
+
+    def decide(self, src: int, dst: int, proto: int, sport: int, dport: int,
+               klass: int = NORMAL) -> tuple[int, bool] | None:
+        """(rule k, hot drop) the tables answer for a packet, or None: what the generated
+        code computes, in Python."""
+        bits = _longest(self.src, src) & _longest(self.dst, dst)
+        bits &= self.proto[proto + (256 if klass == NOMATCH else 0)]
+        if klass == NORMAL:
+            bits &= self.sport.bitmaps[self.sport.interval(sport)]
+            bits &= self.dport.bitmaps[self.dport.interval(dport)]
+        if not bits:
+            return None
+        k = (bits & -bits).bit_length() - 1
+        return k, klass == HOTDROP and self.ported[k]
+
+
+def _longest(entries: Sequence[tuple[int, int, int]], addr: int) -> int:
+    best, bitmap = -1, 0
+    for value, length, b in entries:
+        if length > best and addr >> (32 - length) == value >> (32 - length):
+            best, bitmap = length, b
+    return bitmap
+
+
+def _ports(rule: Rule) -> tuple[PortRange, PortRange] | None:
+    """The rule's (sport, dport) ranges when it has a tcp/udp match, else None."""
+    for m in rule.matches:
+        if m.kind in ("tcp", "udp"):
+            full = PortRange(0, PORT_SPACE - 1)
+            s, d = m.get("--sport"), m.get("--dport")
+            return (full if s is None else s.value,
+                    full if d is None else d.value)
+    return None
+
+
+def classifiable(rule: Rule) -> bool:
+    """True for a rule of ClassBench shape with a terminal target (IPv4 only)."""
+    if not terminal(rule.target) or rule.src_neg or rule.dst_neg or rule.proto_neg:
+        return False
+    if rule.iif is not None or rule.oif is not None or rule.fragment is not None:
+        return False
+    for p in (rule.src, rule.dst):
+        if p is not None and (p.bits != 32 or p.length is None):
+            return False
+    if not rule.matches:
+        return True
+    if len(rule.matches) != 1:
+        return False
+    (m,) = rule.matches
+    want = {"tcp": 6, "udp": 17}.get(m.kind)
+    if want is None or rule.proto != want:
+        return False
+    return all(o.name in ("--sport", "--dport") and not o.negated for o in m.options)
+
+
+def _prefix_bitmaps(prefixes: Sequence[Prefix | None]) -> tuple[tuple[int, int, int], ...]:
+    own: dict[tuple[int, int], int] = {(0, 0): 0}  # (length, addr) -> rules with that prefix
+    for k, p in enumerate(prefixes):
+        n, addr = (0, 0) if p is None else (p.length or 0, p.addr)
+        own[(n, addr)] = own.get((n, addr), 0) | (1 << k)
+    lengths = sorted({n for n, _ in own})
+    out = []
+    for (n, addr), bits in own.items():
+        for m in lengths:
+            if m >= n:
+                break
+            mask = (0xFFFFFFFF << (32 - m)) & 0xFFFFFFFF
+            bits |= own.get((m, addr & mask), 0)
+        out.append((addr, n, bits))
+    return tuple(out)
+
+
+def _port_field(ranges: Sequence[PortRange | None]) -> PortField:
+    by_range: dict[tuple[int, int], int] = {}
+    for k, r in enumerate(ranges):
+        key = (0, PORT_SPACE - 1) if r is None else (r.lo, r.hi)
+        by_range[key] = by_range.get(key, 0) | (1 << k)
+    cuts = sorted({0} | {lo for lo, _ in by_range} | {hi + 1 for _, hi in by_range
+                                                        if hi + 1 < PORT_SPACE})
+    bitmaps = []
+    for start in cuts:
+        bits = 0
+        for (lo, hi), b in by_range.items():
+            if lo <= start <= hi:
+                bits |= b
+        bitmaps.append(bits)
+    bitmaps.append((1 << len(ranges)) - 1)  # every rule: the ports are not looked at
+    return PortField(tuple(cuts), tuple(bitmaps))
+
+
+def build_classifier(rules: Sequence[Rule], start: int = 0) -> Classifier:
+    """The bit-vector tables of ``rules`` (every rule must be ``classifiable``)."""
+    actions: list[Target] = []
+    action_of: list[int] = []
+    for r in rules:
+        assert r.target is not None
+        if r.target not in actions:
+            actions.append(r.target)
+        action_of.append(actions.index(r.target))
+    ports = [_ports(r) for r in rules]
+    any_proto = sum(1 << k for k, r in enumerate(rules) if not r.proto)
+    unported = sum(1 << k for k, p in enumerate(ports) if p is None)
+    by_proto = [any_proto] * 256
+    for k, r in enumerate(rules):
+        if r.proto:
+            by_proto[r.proto] |= 1 << k
+    proto = (*by_proto, *(b & unported for b in by_proto))
+    return Classifier(
+        start, tuple(rules), tuple(actions), tuple(action_of), tuple(p is not None for p in ports),
+        _prefix_bitmaps([r.src for r in rules]), _prefix_bitmaps([r.dst for r in rules]), proto,
+        _port_field([None if p is None else p[0] for p in ports]),
+        _port_field([None if p is None else p[1] for p in ports]))
+
+
+Segment = Run | Classifier
+
+
+def plan(rules: Sequence[Rule], family: int = 4, min_run: int = MIN_RUN,
+         min_classifier: int = MIN_CLASSIFIER) -> list[Segment]:
+    """Runs and classifiers for a chain, left to right, not overlapping. A stretch of
+    classifiable rules that one single-field run covers whole stays that run."""
+    out: list[Segment] = []
+    n = len(rules)
+    i = 0
+    pending = 0  # rules before i not yet handed to find_runs
+    while i < n:
+        if family != 4 or not classifiable(rules[i]):
+            i += 1
+            continue
+        j = i
+        while j < n and classifiable(rules[j]):
+            j += 1
+        if j - i >= min_classifier:
+            runs = find_runs(rules[i:j], min_run)
+            if not (len(runs) == 1 and runs[0].start == 0 and runs[0].stop == j - i):
+                out.extend(replace(r, start=r.start + pending)
+                           for r in find_runs(rules[pending:i], min_run))
+                out.append(build_classifier(rules[i:j], i))
+                pending = j
+        i = j
+    out.extend(replace(r, start=r.start + pending) for r in find_runs(rules[pending:], min_run))
+    return out

@@ -1,0 +1,170 @@
+"""Optimized and linear programs give the same verdicts and per-rule counters (BPF_PROG_TEST_RUN
+on random rulesets and packets), and ClassBench traces give a linear reference's verdicts."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import struct
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bpfilter import loader
+from bpfilter.codegen.compiler import CompiledRuleset, compile_ruleset
+from bpfilter.codegen.uapi import NfHook
+from bpfilter.grammar.iptables import parse_restore
+
+import classbench as cb
+
+DROP, ACCEPT = 0, 1
+NET4 = "198.18.{}.{}"
+NET6 = "2001:db8::{:x}:{:x}"
+VERDICTS = ("ACCEPT", "DROP", "RETURN")
+
+
+# --- random rulesets made of runs --------------------------------------------------------------
+
+def _addr(rng: random.Random, family: int) -> str:
+    a, b = rng.randrange(4), rng.randrange(8)
+    return NET4.format(a, b) if family == 4 else NET6.format(a, b)
+
+
+def _prefix(rng: random.Random, family: int) -> str:
+    """Prefixes of a small space, so that they overlap and nest often."""
+    if family == 4:
+        return f"{NET4.format(rng.randrange(4), rng.randrange(8))}/{rng.choice([22, 24, 29, 30, 32])}"
+    return f"{NET6.format(rng.randrange(4), rng.randrange(8))}/{rng.choice([94, 96, 125, 126, 128])}"
+
+
+def _run(rng: random.Random, family: int, chain: str, user: bool) -> list[str]:
+    """A run the optimizer should take (same shape, one key field varying), sometimes with
+    extra shared tests that can hot-drop (tcp) or fail."""
+    field = rng.choice(["-s", "-d", "-p"])
+    other = "-s" if field == "-d" else "-d"
+    shared = rng.choice(["", "-p tcp -m tcp --dport 22", "-p udp",
+                         f"! {other} {_prefix(rng, family)}", "-m length --length 0:100"])
+    if field == "-p":
+        shared = rng.choice(["", "-s " + _prefix(rng, family)])
+    targets = list(VERDICTS if user or rng.random() < 0.5 else VERDICTS[:2])
+    if chain == "SUB" and rng.random() < 0.3:
+        targets.append("-g LEAF")
+    out = []
+    for _ in range(rng.randrange(4, 14)):
+        key = (_prefix(rng, family) if field != "-p"
+               else str(rng.choice([6, 17, 47, 50, 58 if family == 6 else 1])))
+        t = rng.choice(targets)
+        out.append(f"-A {chain} {field} {key} {shared} {t if t.startswith('-g') else '-j ' + t}")
+    return out
+
+
+def _filler(rng: random.Random, family: int, chain: str) -> str:
+    """A rule that stays linear and may or may not let the packet go on."""
+    return rng.choice([
+        f"-A {chain} -s {_prefix(rng, family)}",
+        f"-A {chain} ! -s {_prefix(rng, family)} -j DROP",
+        f"-A {chain} -p tcp -m tcp --sport 1000:2000 -j ACCEPT",
+        f"-A {chain} -d {_prefix(rng, family)} -j {'SUB' if chain == 'INPUT' else 'RETURN'}",
+    ])
+
+
+def random_ruleset(seed: int, family: int) -> str:
+    rng = random.Random(seed)
+    rules: list[str] = []
+    for chain, user in (("INPUT", False), ("SUB", True), ("LEAF", True)):
+        for _ in range(rng.randrange(1, 4)):
+            rules += _run(rng, family, chain, user)
+            if chain != "SUB":
+                rules += [_filler(rng, family, chain) for _ in range(rng.randrange(3))]
+    policy = rng.choice(["ACCEPT", "DROP"])
+    head = ["*filter", f":INPUT {policy} [0:0]", ":FORWARD ACCEPT [0:0]",
+            ":OUTPUT ACCEPT [0:0]", ":LEAF - [0:0]", ":SUB - [0:0]"]
+    # Every run of INPUT may be preceded by a jump into SUB; LEAF is only reached by goto.
+    rules.insert(0, "-A INPUT -j SUB")
+    return "\n".join([*head, *(" ".join(r.split()) for r in rules), "COMMIT", ""])
+
+
+def random_packet(rng: random.Random, family: int) -> bytes:
+    proto = rng.choice([6, 6, 17, 47, 1 if family == 4 else 58])
+    if proto == 6:
+        l4 = struct.pack("!HHIIBBHHH", rng.choice([1500, 40000]), rng.choice([22, 80]), 0, 0,
+                         5 << 4, 0x02, 1024, 0, 0)
+        if rng.random() < 0.1:
+            l4 = l4[:12]  # too short for the tcp match: it hot-drops
+    elif proto == 17:
+        l4 = struct.pack("!HHHH", 53, rng.choice([22, 53]), 12, 0) + bytes(rng.randrange(100))
+    else:
+        l4 = bytes(8)
+    src = ipaddress.ip_address(_addr(rng, family)).packed
+    dst = ipaddress.ip_address(_addr(rng, family)).packed
+    if family == 4:
+        return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, proto, 0,
+                           src, dst) + l4
+    return struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, src, dst) + l4
+
+
+def _verdicts(compiled: CompiledRuleset, packets: list[bytes]) -> tuple[list[int], dict]:
+    with loader.TestRunner(compiled) as runner:
+        got = [runner.run(NfHook.LOCAL_IN, p) for p in packets]
+        return got, runner.counters()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("seed", range(12))
+def test_optimized_and_linear_programs_agree(seed: int, family: int) -> None:
+    text = random_ruleset(seed, family)
+    ruleset = parse_restore(text, family=family)
+    optimized = compile_ruleset(ruleset, family)
+    linear = compile_ruleset(ruleset, family, optimize=False)
+    assert optimized.lookups, "the generator is meant to produce runs"
+    assert not linear.lookups
+    rng = random.Random(1000 + seed)
+    packets = [random_packet(rng, family) for _ in range(150)]
+    got, got_counters = _verdicts(optimized, packets)
+    want, want_counters = _verdicts(linear, packets)
+    assert got == want
+    assert got_counters == want_counters
+    assert sum(p for p, _ in got_counters.values()) >= len(packets)  # counters did count
+
+
+def test_hundred_thousand_rules_load_and_decide() -> None:
+    """A 100,000-rule blocklist is one lookup: it loads and decides by its first match."""
+    rules = [f"-A INPUT -s 198.{18 + (k >> 16)}.{(k >> 8) & 255}.{k & 255}/32 -j "
+             f"{'DROP' if k % 2 else 'ACCEPT'}" for k in range(100_000)]
+    rules.insert(50_000, "-A INPUT -s 198.18.0.0/16 -j DROP")  # shadows the rest of 198.18
+    text = "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+                      ":OUTPUT ACCEPT [0:0]", *rules, "COMMIT", ""])
+    compiled = compile_ruleset(parse_restore(text), 4)
+    assert len(compiled.lookups) == 1
+    pkt = cb.packet
+    cases = [  # (address, verdict, counter position)
+        (0xC6120000 + 2, ACCEPT, 3),  # rule 3: 198.18.0.2 ACCEPT
+        (0xC6120000 + 3, DROP, 4),
+        (0xC6120000 + 60_001, DROP, 50_001),  # the /16 inserted before the /32s
+        (0xC6130000 + 5, DROP, 65_536 + 5 + 1 + 1),  # 198.19.0.5 is rule 65,538
+        (0xC6140000, ACCEPT, 0),  # no rule: the policy
+    ]
+    with loader.TestRunner(compiled) as runner:
+        for addr, verdict, _ in cases:
+            assert runner.run(NfHook.LOCAL_IN, pkt(cb.CbPacket(addr, 1, 0, 0, 47))) == verdict
+        counters = runner.counters()
+    hit = {pos for (_, chain, pos), (n, _) in counters.items() if n and chain == "INPUT"}
+    assert hit == {pos for _, _, pos in cases}
+
+
+# --- ClassBench ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["acl1", "fw1", "ipc1"])
+def test_classbench_traces_match_the_reference(shared_dir: Path, name: str) -> None:
+    base = shared_dir / "classbench"
+    rules = cb.read_rules(base / f"{name}_1k")
+    trace = cb.read_trace(base / f"{name}_1k_trace")
+    compiled = compile_ruleset(parse_restore(cb.restore_text(rules)), 4)
+    want = [cb.first_match(rules, p) for p in trace]
+    with loader.TestRunner(compiled) as runner:
+        got = [runner.run(NfHook.LOCAL_IN, cb.packet(p)) for p in trace]
+        counters = runner.counters()
+    assert got == [DROP if k is None else int(cb.verdict_of(k) == "ACCEPT") for k in want]
+    hits = Counter(0 if k is None else k + 1 for k in want)
+    assert {pos: n for (_, c, pos), (n, _) in counters.items() if c == "INPUT" and n} == hits

@@ -1,0 +1,162 @@
+"""State in bpffs and the dispatcher switch: text maps, generations, parity slots, test runs
+through the dispatcher, leftovers of interrupted runs, counters carried over, flush."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from bpfilter import bpf, bpffs, loader, state, testbed
+from bpfilter.codegen.compiler import compile_ruleset
+from bpfilter.codegen.uapi import NfHook
+from bpfilter.dispatch import (
+    CTL_SPEC,
+    PROGS_SPEC,
+    Dispatch,
+    TableKey,
+    load_dispatcher,
+    open_dispatch,
+    pin_name,
+)
+from bpfilter.grammar.iptables import parse_restore
+from bpfilter.ir.iptables_save import to_iptables_save
+from bpfilter.ir.model import Ruleset
+
+FILTER = TableKey(4, "filter")
+UDP_FROM_1 = bytes.fromhex("4500001c0000000040110000c6120001c6120002") + bytes(8)
+
+
+def _text(rules: str, policy: str = "ACCEPT") -> str:
+    return f"*filter\n:INPUT {policy} [0:0]\n{rules}COMMIT\n"
+
+
+def _commit(ns: str, text: str, **kw: object) -> int:
+    ruleset = parse_restore(text)
+    programs = loader.load_programs(compile_ruleset(ruleset, 4))
+    try:
+        return state.commit(FILTER, programs, to_iptables_save(ruleset), ns,
+                            **kw)  # type: ignore[arg-type]
+    finally:
+        programs.close()
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    name = testbed.unique_name("bpfh")
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        yield name
+    finally:
+        testbed.delete(name)
+
+
+def test_text_round_trips_through_an_array_map() -> None:
+    text = "".join(f"-A INPUT -s 198.18.{i // 256}.{i % 256}/32 -j DROP\n" for i in range(3000))
+    text += "ünïcode \udcff\n"  # surrogate-escaped bytes survive too
+    with state.store_text(text) as m:
+        assert m.spec.max_entries > 1
+        assert state.load_text(m) == text
+    with state.store_text("") as m:
+        assert state.load_text(m) == ""
+
+
+def test_dispatcher_switches_by_parity_and_falls_through_to_accept() -> None:
+    drop = parse_restore(_text("-A INPUT -s 198.18.0.1 -j DROP\n"))
+    with bpf.map_create(CTL_SPEC) as ctl, bpf.map_create(PROGS_SPEC) as progs, \
+            load_dispatcher(NfHook.LOCAL_IN, ctl, progs) as disp:
+        d = Dispatch(FILTER, None, ctl, progs)
+        ctx = loader.hook_context(NfHook.LOCAL_IN, 4)
+        frame = loader.test_run_data(UDP_FROM_1, NfHook.LOCAL_IN, 4)
+
+        def verdict() -> int:
+            return bpf.prog_test_run(disp, frame, ctx_in=ctx).retval
+
+        assert d.generation() == 0 and verdict() == 1  # empty slot: ACCEPT
+        programs = loader.load_programs(compile_ruleset(drop, 4))
+        try:
+            prog = next(iter(programs.progs.values()))
+            d.stage(1, {NfHook.LOCAL_IN: prog})
+            assert verdict() == 1  # staged, not yet in force
+            assert d.prog_id(1, NfHook.LOCAL_IN) == prog.id
+            with pytest.raises(ValueError, match="parity"):
+                d.stage(0, {})
+            d.switch(1)
+            assert verdict() == 0
+            d.stage(2, {})  # a generation without programs: every slot empty
+            assert verdict() == 0
+            d.switch(2)
+            assert verdict() == 1
+            assert d.prog_id(2, NfHook.LOCAL_IN) is None
+        finally:
+            programs.close()
+
+
+def test_commit_pins_state_and_reads_it_back(ns: str) -> None:
+    text = _text("-A INPUT -p udp -j ACCEPT\n", policy="DROP")
+    assert _commit(ns, text) == 1
+    assert _commit(ns, text) == 2
+    names = {p.name for p in bpffs.pins(ns)}
+    assert names == {pin_name(FILTER, n) for n in (
+        "ctl", "progs", "link-INPUT", "link-FORWARD", "link-OUTPUT", "g2-text",
+        "g2-map-counters")}
+    assert bpffs.pin_dir(ns, create=False).stat().st_mode & 0o777 == 0o700
+    live = state.live_table(FILTER, ns)
+    assert live is not None and live.generation == 2
+    assert live.text == to_iptables_save(parse_restore(text))
+    assert set(live.prog_ids) == {"INPUT"}
+    assert state.tables(ns) == [FILTER] and state.tables(ns, 6) == []
+    [st] = state.status(ns)
+    assert (st.generation, st.rules, [p.chain for p in st.programs]) == (2, 1, ["INPUT"])
+    assert [m[0] for m in st.maps] == ["counters"]
+
+
+def test_leftovers_of_an_interrupted_commit_are_ignored_then_removed(ns: str) -> None:
+    _commit(ns, _text("-A INPUT -j DROP\n"))
+    # What a run killed after pinning generation 2 but before the switch leaves behind.
+    with state.store_text("garbage") as m:
+        bpffs.pin(m, pin_name(FILTER, "g2-text"), ns)
+    live = state.live_table(FILTER, ns)
+    assert live is not None and live.generation == 1
+    assert "-A INPUT -j DROP" in live.text
+    _commit(ns, _text("-A INPUT -j ACCEPT\n"))
+    live = state.live_table(FILTER, ns)
+    assert live is not None and live.generation == 2 and "-j ACCEPT" in live.text
+    assert not any(".g1-" in p.name or p.name.endswith("g1-text") for p in bpffs.pins(ns))
+
+
+def test_counters_are_seeded_before_the_switch(ns: str) -> None:
+    text = _text("-A INPUT -s 198.18.0.1 -j DROP\n-A INPUT -s 198.18.0.2 -j DROP\n")
+    _commit(ns, text, carry={("filter", "INPUT", 2): (5, 500), ("filter", "INPUT", 0): (1, 2)})
+    live = state.live_table(FILTER, ns)
+    assert live is not None
+    counts = live.counters()
+    assert counts[("filter", "INPUT", 2)] == (5, 500)
+    assert counts[("filter", "INPUT", 1)] == (0, 0)
+    table = state.with_counters(live)
+    assert table.chains[0].counters == (1, 2)
+    assert table.chains[0].rules[1].counters == (5, 500)
+
+
+def test_flush_removes_everything_and_detaches(ns: str) -> None:
+    _commit(ns, _text("-A INPUT -j DROP\n"))
+    links = {i for i in bpf.link_ids()}
+    assert state.flush(ns) == [FILTER]
+    assert bpffs.pins(ns) == []
+    assert open_dispatch(FILTER, ns) is None
+    assert state.live_ruleset(ns, 4) == Ruleset()
+    assert len(links - set(bpf.link_ids())) == 3  # the three dispatchers' links went away
+    assert state.flush(ns) == []  # nothing left: no error
+
+
+def test_programs_live_on_in_the_pinned_prog_array_after_their_fds_close(ns: str) -> None:
+    _commit(ns, _text("-A INPUT -j DROP\n"))
+    # _commit closed every fd it had; only the pins hold the prog_array and so the program.
+    d = open_dispatch(FILTER, ns)
+    assert d is not None
+    with d.ctl, d.progs:
+        gen = d.generation()
+        assert d.prog_id(gen, NfHook.LOCAL_IN) is not None
+        assert struct.unpack("<I", d.ctl.lookup(struct.pack("<I", 0)) or b"")[0] == gen == 1

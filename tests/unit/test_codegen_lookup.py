@@ -1,0 +1,119 @@
+"""Lookup blocks: map specs and contents of optimizer runs, the emitted lookup, and how the
+compiler uses them (no kernel)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from bpfilter.codegen import lookup
+from bpfilter.codegen.asm import Label
+from bpfilter.codegen.compiler import compile_ruleset
+from bpfilter.codegen.insn import Insn
+from bpfilter.codegen.matchers import Emitter
+from bpfilter.codegen.uapi import MapFlag, MapType
+from bpfilter.grammar.iptables import parse_restore
+from bpfilter.ir.model import Prefix, Rule, Target, TargetKind
+from bpfilter.ir.optimizer import KeyField, build_run
+
+ACCEPT = Target(TargetKind.VERDICT, "ACCEPT")
+DROP = Target(TargetKind.VERDICT, "DROP")
+
+
+def _run4() -> lookup.Run:
+    rules = [Rule(src=Prefix(0xC6120000, 0xFFFF0000, 32), target=DROP),
+             Rule(src=Prefix(0xC6120100, 0xFFFFFF00, 32), target=ACCEPT)]
+    return build_run(rules, KeyField.SRC, start=3)
+
+
+def test_prefix_map_is_an_lpm_trie_sized_to_its_entries() -> None:
+    spec = lookup.map_spec("lookup_0", _run4())
+    assert spec.type == MapType.LPM_TRIE
+    assert spec.flags == MapFlag.NO_PREALLOC
+    assert (spec.key_size, spec.value_size, spec.max_entries) == (8, 8, 2)
+
+
+def test_prefix_contents_encode_length_address_counter_action() -> None:
+    contents = dict(lookup.map_contents(_run4(), first_index=10))
+    # The /24 lies inside the /16 of the earlier rule: it answers that rule (counter 10).
+    assert contents == {
+        struct.pack("<I", 16) + bytes([198, 18, 0, 0]): struct.pack("<II", 10, 0),
+        struct.pack("<I", 24) + bytes([198, 18, 1, 0]): struct.pack("<II", 10, 0),
+    }
+
+
+def test_ipv6_and_protocol_maps() -> None:
+    full = (1 << 128) - 1
+    v6 = build_run([Rule(dst=Prefix(0x20010DB8 << 96, full << 64 & full, 128), target=DROP)],
+                   KeyField.DST)
+    spec = lookup.map_spec("v6", v6)
+    assert (spec.type, spec.key_size) == (MapType.LPM_TRIE, 20)
+    ((key, _),) = lookup.map_contents(v6, 0)
+    assert key == struct.pack("<I", 64) + bytes.fromhex("20010db8") + bytes(12)
+    proto = build_run([Rule(proto=47, target=DROP), Rule(proto=50, target=ACCEPT)],
+                      KeyField.PROTO)
+    spec = lookup.map_spec("p", proto)
+    assert (spec.type, spec.key_size, spec.max_entries, spec.flags) == (MapType.HASH, 4, 2, 0)
+    assert dict(lookup.map_contents(proto, 5)) == {
+        struct.pack("<I", 47): struct.pack("<II", 5, 0),
+        struct.pack("<I", 50): struct.pack("<II", 6, 1)}
+
+
+@pytest.mark.parametrize(("family", "field", "loads"), [
+    (4, KeyField.SRC, 1), (6, KeyField.DST, 4), (4, KeyField.PROTO, 1), (6, KeyField.PROTO, 2)])
+def test_emit_lookup_builds_the_key_and_jumps_to_fail_on_a_miss(
+        family: int, field: KeyField, loads: int) -> None:
+    bits = 32 if family == 4 else 128
+    if field is KeyField.PROTO:
+        rule = Rule(proto=6, target=DROP)
+    elif field is KeyField.SRC:
+        rule = Rule(src=Prefix(0, 0, bits), target=DROP)
+    else:
+        rule = Rule(dst=Prefix(0, 0, bits), target=DROP)
+    run = build_run([rule], field)
+    em = Emitter(family, "r", "r:fail", "r:hot")
+    lookup.emit_lookup(em, run, "lookup_7")
+    insns = [it for it in em.items if isinstance(it, Insn)]
+    assert [i.ref for i in insns if i.ref == "lookup_7"] == ["lookup_7"]
+    assert sum(1 for i in insns if i.ref == "r:fail") == 1
+    assert sum(1 for i in insns if i.src == 7 and i.off >= 0 and i.opcode & 0x07 == 0x01) == loads
+    assert em.used_hotdrop == (field is KeyField.PROTO and family == 6)
+    assert not any(isinstance(it, Label) for it in em.items)
+
+
+def _ruleset(rules: list[str], chains: str = "") -> str:
+    head = ["*filter", ":INPUT DROP [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    head += [f":{c} - [0:0]" for c in chains.split()]
+    return "\n".join([*head, *rules, "COMMIT", ""])
+
+
+BLOCK = [f"-A INPUT -s 198.18.{i}.0/24 -j {'DROP' if i % 3 else 'ACCEPT'}" for i in range(10)]
+
+
+def test_compiler_emits_one_lookup_per_run_and_keeps_counters_per_rule() -> None:
+    text = _ruleset(["-A INPUT -p tcp -j ACCEPT", *BLOCK, "-A INPUT -j DROP"])
+    compiled = compile_ruleset(parse_restore(text), 4)
+    assert [m.name for m in compiled.maps] == ["counters", "lookup_0"]
+    assert compiled.maps[0].max_entries == 15  # 3 policies + 12 rules: one counter each
+    (table, chain, run, name) = compiled.lookups[0]
+    assert (table, chain, run.start, run.stop, name) == ("filter", "INPUT", 1, 11, "lookup_0")
+    values = sorted(struct.unpack("<II", v) for _, v in compiled.contents["lookup_0"])
+    assert values == [(2 + i, 0 if i % 3 == 0 else 1) for i in range(10)]
+
+
+def test_optimize_off_and_user_chain_maps_shared_between_programs() -> None:
+    text = _ruleset([*[r.replace("-A INPUT", "-A BLOCK") for r in BLOCK],
+                     "-A INPUT -j BLOCK", "-A OUTPUT -j BLOCK"], chains="BLOCK")
+    compiled = compile_ruleset(parse_restore(text), 4)
+    assert [m.name for m in compiled.maps] == ["counters", "lookup_0"]
+    assert len(compiled.programs) == 2
+    plain = compile_ruleset(parse_restore(text), 4, optimize=False)
+    assert [m.name for m in plain.maps] == ["counters"] and not plain.contents
+    assert plain.rule_index == compiled.rule_index
+
+
+def test_short_runs_stay_linear() -> None:
+    compiled = compile_ruleset(parse_restore(_ruleset(BLOCK[:3])), 4)
+    assert not compiled.lookups
+    assert compile_ruleset(parse_restore(_ruleset(BLOCK[:3])), 4, min_run=2).lookups
