@@ -752,7 +752,10 @@ class Map(Fd):
         """Store many (key, value) pairs in one BPF_MAP_UPDATE_BATCH; returns how many."""
         if not items:
             return 0
-        keys = b"".join(self._key(k).raw for k, _ in items)
+        ksize = self.spec.key_size
+        if any(len(k) != ksize for k, _ in items):
+            raise ValueError(f"map {self.spec.name}: every key must be {ksize} bytes")
+        keys = b"".join([k for k, _ in items])
         blob = [v if self.percpu else self._check_value(v) for _, v in items]
         if any(len(v) != self.value_stride for v in blob):
             raise ValueError(f"map {self.spec.name}: every value must be {self.value_stride} bytes")

@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--netns", metavar="NAME", default=None,
                    help="network namespace from `ip netns list` (default: this one)")
+    p.add_argument("--all", action="store_true",
+                   help="every namespace bpfilter has loaded something in")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -25,20 +27,35 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     try:
         state.require_root("bpfilter status")
-        if args.netns is not None:
-            netns.path(args.netns)
-        tables = state.status(args.netns)
+        if args.all:
+            where: list[str | None] = state.namespaces()
+        else:
+            if args.netns is not None:
+                netns.path(args.netns)
+            where = [args.netns]
+        found = [(ns, state.status(ns)) for ns in where]
     except (state.StateError, netns.NetnsError, bpffs.BpffsError, bpf.BpfError) as e:
         print(f"bpfilter status: {e}", file=sys.stderr)
         return 4
     if args.json:
-        doc = {"netns": args.netns, "tables": [dataclasses.asdict(t) for t in tables]}
-        print(json.dumps(doc, sort_keys=True))
+        docs = [{"netns": ns, "tables": [dataclasses.asdict(t) for t in tables]}
+                for ns, tables in found]
+        print(json.dumps(docs if args.all else docs[0], sort_keys=True))
         return 0
-    where = f"network namespace {args.netns}" if args.netns else "this network namespace"
+    if args.all and not found:
+        print("nothing loaded by bpfilter in any network namespace")
+    for ns, tables in found:
+        _print(ns, tables, args.all)
+    return 0
+
+
+def _print(ns: str | None, tables: list[state.TableStatus], heading: bool) -> None:
+    where = f"network namespace {ns}" if ns else "this network namespace"
+    if heading:
+        print(f"{where}:")
     if not tables:
         print(f"nothing loaded by bpfilter in {where}")
-        return 0
+        return
     for t in tables:
         fam = "ip" if t.family == 4 else "ip6"
         print(f"{fam} {t.table}: generation {t.generation}, {t.chains} chains, "
@@ -48,4 +65,3 @@ def run(args: argparse.Namespace) -> int:
                   f"({p.insns} insns, {p.memlock} bytes jited)")
         for name, map_id, entries in t.maps:
             print(f"  map {name} id {map_id} ({entries} entries)")
-    return 0

@@ -26,7 +26,8 @@ from bpfilter.codegen.uapi import AttachType, MapType, NfHook, NfProto, NfVerdic
 #   packet uses, and only after all of its programs are loaded. Then one write of ``ctl``
 #   switches every hook of the table at once. The slots of generation N stay as they are
 #   (a packet that read N just before the switch still finds N's programs there); they are
-#   overwritten by generation N+2.
+#   overwritten by generation N+2, a whole restore later, while a packet needs the
+#   nanoseconds between its read of ``ctl`` and its tail call.
 # - An empty slot makes ``bpf_tail_call`` return, and the dispatcher then answers ACCEPT:
 #   the slot of a chain that needs no program (no rules, ACCEPT policy), and every slot of
 #   generation 0, which is "no ruleset": the dispatchers are attached before the first

@@ -80,7 +80,7 @@ def _try(family: int) -> str:
 
 _LONG_FLAGS = {"--counters": "c", "--verbose": "v", "--version": "V", "--test": "t",
                "--help": "h", "--noflush": "n", "--binary": "b", "--json": "json"}
-_LONG_VALUES = {"--table": "T", "--modprobe": "M", "--netns": "netns"}
+_LONG_VALUES = {"--table": "table", "--modprobe": "modprobe", "--netns": "netns"}
 
 
 def _number(text: str) -> bool:
@@ -125,8 +125,7 @@ def parse_args(argv: Sequence[str], family: int = 4) -> RestoreOptions:
             if name in _LONG_FLAGS and not eq:
                 _flag(o, _LONG_FLAGS[name], family, warnings)
             elif name in _LONG_VALUES:
-                v = val if eq else value(name, "")
-                o[{"T": "table", "M": "modprobe", "netns": "netns"}[_LONG_VALUES[name]]] = v
+                o[_LONG_VALUES[name]] = val if eq else value(name, "")
             elif name == "--wait":
                 o["wait"] = _seconds(val if eq else optional_number(), family)
             elif name == "--wait-interval":
@@ -342,6 +341,9 @@ def restore(text: str, opts: RestoreOptions, filename: str = "<stdin>") -> Outco
     """Apply iptables-restore input; the caller holds the lock and has checked root."""
     out = Outcome()
     family = opts.family
+    if not opts.test and state.drop_stale(opts.netns):
+        out.err += (f"{TOOL[family]}: dropped the pins of an earlier network namespace named "
+                    f"{opts.netns!r} (deleted and created again)\n")
     base = state.live_ruleset(opts.netns, family) if opts.noflush else None
     error: ParseError | None = None
     try:
@@ -408,6 +410,13 @@ def main(argv: Sequence[str], family: int = 4, *, stdin: IO[bytes] | None = None
         text, name = read_input(opts, stdin)
         with locked(opts.wait):
             outcome = restore(text, opts, name)
+    except (state.StateError, bpffs.BpffsError, netns.NetnsError, bpf.BpfError) as e:
+        # Reading the live state for --noflush failed: nothing was changed.
+        err = f"{TOOL[family]}: {e}\n"
+        stderr.write(err)
+        if opts is not None and opts.json:
+            _print_json(stdout, opts, Outcome(EXIT_RESOURCE, err))
+        return EXIT_RESOURCE
     except CliExit as e:
         stdout.write(e.out)
         stderr.write(e.err)

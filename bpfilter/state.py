@@ -8,6 +8,10 @@ Layout of ``<bpffs>/bpfilter/<netns or "host">/`` (directory mode 0700, so root 
   counters), in an array map of TEXT_CHUNK-byte values, since bpffs holds only BPF objects;
 - ``ip-filter-gN-map-NAME``: the maps of generation N (``counters`` and any lookup maps).
 
+- ``owner``: the inode of the named network namespace the pins belong to. A namespace
+  deleted and created again under the same name is a different namespace: the pins of the
+  old one are stale (their links filter a namespace that is gone) and are dropped.
+
 The ``ctl`` value says which generation is in force; a generation's pins are complete before
 it is switched in, and pins of other generations are leftovers of an interrupted or earlier
 run, removed by the next commit. So a process killed at any point leaves the old or the new
@@ -20,15 +24,16 @@ import os
 import re
 import struct
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bpfilter import bpf, bpffs
+from bpfilter import netns as netns_mod
 from bpfilter.codegen.compiler import COUNTERS, CompiledRuleset, compile_ruleset
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import MapType, NfHook
 from bpfilter.dispatch import Dispatch, TableKey, detach, ensure_dispatch, open_dispatch, pin_name
 from bpfilter.grammar.iptables import parse_restore
-from bpfilter.ir.model import Chain, Rule, Ruleset, Table
+from bpfilter.ir.model import Rule, Ruleset, Table
 from bpfilter.loader import CounterKey, Programs, read_counters
 
 TEXT_CHUNK = 16384
@@ -76,7 +81,60 @@ def load_text(m: bpf.Map) -> str:
     return data[_LEN.size:_LEN.size + size].decode("utf-8", "surrogateescape")
 
 
+# --- whose pins ----------------------------------------------------------------------------
+
+OWNER_PIN = "owner"
+_OWNER = MapSpec("bpfilter_owner", MapType.ARRAY, 4, 8, 1)
+
+
+def _owner(netns: str | None) -> int | None:
+    try:
+        fd = bpffs.get(OWNER_PIN, netns)
+    except bpffs.BpffsError:
+        return None
+    with bpf.map_from_fd(fd, _OWNER.name) as m:
+        raw = m.lookup(struct.pack("<I", 0))
+    return struct.unpack("<Q", raw)[0] if raw else None
+
+
+def stale(netns: str | None) -> bool:
+    """True when the pins of ``netns`` were made for an earlier namespace of that name."""
+    if netns is None:
+        return False  # the caller's own namespace outlives every pin
+    owner = _owner(netns)
+    return owner is not None and owner != netns_mod.inode(netns)
+
+
+def claim(netns: str | None) -> None:
+    """Record which namespace the pins of ``netns`` belong to (once)."""
+    if netns is None or _owner(netns) is not None:
+        return
+    with bpf.map_create(_OWNER) as m:
+        m.update(struct.pack("<I", 0), struct.pack("<Q", netns_mod.inode(netns)))
+        bpffs.pin(m, OWNER_PIN, netns, replace=True)
+
+
+def drop_stale(netns: str | None) -> bool:
+    """Remove the pins of an earlier namespace of this name; True when there were any."""
+    if not stale(netns):
+        return False
+    for key in tables(netns):
+        detach(key, netns)
+    bpffs.cleanup(netns)
+    return True
+
+
 # --- reading the state ----------------------------------------------------------------------
+
+def namespaces() -> list[str | None]:
+    """Namespaces with a pin directory (None: the caller's own), the caller's first."""
+    root = bpffs.find()
+    d = root / bpffs.ROOT_DIR if root is not None else None
+    if d is None or not d.is_dir():
+        return []
+    names = sorted(p.name for p in d.iterdir() if p.is_dir())
+    return ([None] if bpffs.HOST in names else []) + [n for n in names if n != bpffs.HOST]
+
 
 def tables(netns: str | None, family: int | None = None) -> list[TableKey]:
     """Tables with a switch set up in ``netns`` (optionally of one family), sorted."""
@@ -120,6 +178,8 @@ class LiveTable:
 
 def live_table(key: TableKey, netns: str | None) -> LiveTable | None:
     """The table ``key`` as it is in force in ``netns``; None when nothing is (generation 0)."""
+    if stale(netns):
+        return None
     d = open_dispatch(key, netns)
     if d is None:
         return None
@@ -161,19 +221,14 @@ def live_ruleset(netns: str | None, family: int) -> Ruleset:
 def with_counters(live: LiveTable) -> Table:
     """The live table with each chain's and rule's counters from the live map."""
     counts = live.counters()
+    name = live.key.table
     chains = []
     for c in live.table.chains:
-        rules = tuple(Rule(**{**_fields(r), "counters": counts.get((live.key.table, c.name, i),
-                                                                     (0, 0))})
+        rules = tuple(replace(r, counters=counts.get((name, c.name, i), (0, 0)))
                       for i, r in enumerate(c.rules, 1))
-        pol = counts.get((live.key.table, c.name, 0), (0, 0)) if c.is_base else None
-        chains.append(Chain(c.name, rules, c.hook, c.priority, c.policy, pol, c.line))
-    return Table(live.table.family, live.table.name, tuple(chains), live.table.sets,
-                 live.table.line)
-
-
-def _fields(r: Rule) -> dict[str, object]:
-    return {name: getattr(r, name) for name in Rule.__slots__}
+        policy = counts.get((name, c.name, 0), (0, 0)) if c.is_base else None
+        chains.append(replace(c, rules=rules, counters=policy))
+    return replace(live.table, chains=tuple(chains))
 
 
 # --- committing -----------------------------------------------------------------------------
@@ -186,6 +241,8 @@ def commit(key: TableKey, programs: Programs, text: str, netns: str | None, *,
     iptables-save text. ``carry`` gives initial counters (packets, bytes) by (table, chain,
     position) of the new table, written before the switch.
     """
+    drop_stale(netns)
+    claim(netns)
     d = ensure_dispatch(key, netns)
     try:
         gen = d.generation() + 1
@@ -258,7 +315,7 @@ def carried_counters(old: Table | None, new: Table, old_counts: dict[CounterKey,
 
 
 def _rule_key(r: Rule) -> Rule:
-    return Rule(**{**_fields(r), "counters": None, "line": 0, "col": 0})
+    return replace(r, counters=None, line=0, col=0)
 
 
 # --- removing -------------------------------------------------------------------------------
@@ -291,11 +348,13 @@ def ensure_conntrack(netns: str | None) -> None:
 
 def disable_conntrack(netns: str | None) -> None:
     """Drop bpfilter's hold on conntrack in ``netns`` (nothing when there is none)."""
-    _nft(netns, f"add table inet {CONNTRACK_TABLE}\ndelete table inet {CONNTRACK_TABLE}\n",
-         check=False)
+    # Look first (read-only), so a namespace where bpfilter never turned conntrack on
+    # sees no nftables change at all.
+    if _nft(netns, f"list table inet {CONNTRACK_TABLE}\n", check=False):
+        _nft(netns, f"delete table inet {CONNTRACK_TABLE}\n", check=False)
 
 
-def _nft(netns: str | None, script: str, *, check: bool = True) -> None:
+def _nft(netns: str | None, script: str, *, check: bool = True) -> bool:
     argv = ["nft", "-f", "-"]
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
@@ -305,9 +364,10 @@ def _nft(netns: str | None, script: str, *, check: bool = True) -> None:
     except FileNotFoundError:
         if check:
             raise StateError("nft is needed to turn conntrack on for ct matches") from None
-        return
+        return False
     if check and proc.returncode != 0:
         raise StateError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
+    return proc.returncode == 0
 
 
 # --- status ---------------------------------------------------------------------------------
@@ -337,7 +397,9 @@ class TableStatus:
 
 def status(netns: str | None) -> list[TableStatus]:
     """Every table bpfilter set up in ``netns``, with what is in force."""
-    out = []
+    out: list[TableStatus] = []
+    if stale(netns):
+        return out
     for key in tables(netns):
         live = live_table(key, netns)
         gen = live.generation if live else 0
@@ -371,6 +433,8 @@ def _memlock(info: bpf.ProgInfo) -> int:
     return info.jited_len
 
 
-__all__ = ["CONNTRACK_TABLE", "Dispatch", "LiveTable", "StateError", "TableStatus", "commit",
-           "carried_counters", "flush", "live_ruleset", "live_table", "load_text",
-           "remove", "require_root", "status", "store_text", "tables", "with_counters"]
+__all__ = ["CONNTRACK_TABLE", "OWNER_PIN", "Dispatch", "LiveTable", "ProgStatus", "StateError",
+           "TableStatus", "carried_counters", "claim", "commit", "disable_conntrack",
+           "drop_stale", "ensure_conntrack", "flush", "live_ruleset", "live_table",
+           "load_text", "namespaces", "remove", "require_root", "stale", "status",
+           "store_text", "tables", "with_counters"]

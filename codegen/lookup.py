@@ -42,13 +42,16 @@ _ADDR = {KeyField.SRC: (12, 8), KeyField.DST: (16, 24)}
 
 
 def key_size(run: Run) -> int:
-    """Bytes of the run's map key: u32 prefix length + address, or a u32 protocol."""
-    return 4 + run.bits // 8 if run.field.is_prefix else 4
+    """Bytes of the run's map key: u32 prefix length + address (a trie), an address (full
+    length prefixes: a hash), or a u32 protocol."""
+    if not run.field.is_prefix:
+        return 4
+    return run.bits // 8 + (0 if run.exact else 4)
 
 
 def map_spec(name: str, run: Run) -> MapSpec:
     """The run's map, sized to its entries."""
-    if run.field.is_prefix:
+    if not run.exact:
         return MapSpec(name, MapType.LPM_TRIE, key_size(run), VALUE.size, len(run.entries),
                        int(MapFlag.NO_PREALLOC))
     return MapSpec(name, MapType.HASH, key_size(run), VALUE.size, len(run.entries))
@@ -63,6 +66,9 @@ def map_contents(run: Run, first_index: int) -> tuple[tuple[bytes, bytes], ...]:
         return tuple((struct.pack("<I", key), pack(first_index + k, acts[k]))
                      for key, _, k in run.entries)
     nbytes = run.bits // 8
+    if run.exact:
+        return tuple((addr.to_bytes(nbytes, "big"), pack(first_index + k, acts[k]))
+                     for addr, _, k in run.entries)
     return tuple((length.to_bytes(4, "little") + addr.to_bytes(nbytes, "big"),
                   pack(first_index + k, acts[k]))
                  for addr, length, k in run.entries)
@@ -79,9 +85,12 @@ def emit_lookup(em: Emitter, run: Run, map_name: str) -> None:
     else:
         v4, v6 = _ADDR[run.field]
         off = nf.L3 + (v4 if em.family == 4 else v6)
-        em.emit(asm.st(Size.W, FP, KEY_SLOT, run.bits, comment="key.prefixlen"))
+        at = KEY_SLOT
+        if not run.exact:
+            em.emit(asm.st(Size.W, FP, KEY_SLOT, run.bits, comment="key.prefixlen"))
+            at += 4
         for i in range(0, run.bits // 8, 4):
-            em.emit(asm.ldx(Size.W, R1, R7, off + i), asm.stx(Size.W, FP, KEY_SLOT + 4 + i, R1))
+            em.emit(asm.ldx(Size.W, R1, R7, off + i), asm.stx(Size.W, FP, at + i, R1))
     em.emit(
         asm.ld_map_fd(R1, map_name),
         asm.mov64(R2, FP),

@@ -21,6 +21,7 @@ run. Negated key fields, non-contiguous masks and anything else stay linear.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -43,7 +44,7 @@ class KeyField(enum.Enum):
         return self is not KeyField.PROTO
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: ``exact`` is computed once, on first use
 class Run:
     """Rules ``start .. start + len(rules) - 1`` (0-based in the chain) decided by one lookup.
 
@@ -70,6 +71,12 @@ class Run:
     def lines(self) -> tuple[int, ...]:
         return tuple(r.line for r in self.rules)
 
+    @functools.cached_property
+    def exact(self) -> bool:
+        """True when the keys are exact: protocols, or only full-length prefixes (a hash
+        table then serves, cheaper to fill and to search than a trie)."""
+        return not self.field.is_prefix or all(n == self.bits for _, n, _ in self.entries)
+
     def first_match(self, key: int) -> int | None:
         """Rule k (0-based in the run) the table answers for a packet's key, or None: the
         same lookup the generated code does, in Python (longest prefix, or exact)."""
@@ -94,58 +101,96 @@ def terminal(t: Target | None) -> bool:
     return t.kind is TargetKind.GOTO
 
 
-def _key(rule: Rule, field: KeyField) -> int | tuple[int, int] | None:
-    """The rule's key for ``field`` ((addr, length) for prefixes), None when not eligible."""
-    if not terminal(rule.target):
-        return None
-    if field is KeyField.PROTO:
-        if rule.proto is None or rule.proto == 0 or rule.proto_neg:
-            return None
-        return rule.proto
-    p, neg = (rule.src, rule.src_neg) if field is KeyField.SRC else (rule.dst, rule.dst_neg)
-    if p is None or neg:
-        return None
-    n = p.length
-    if n is None:
-        return None
-    return p.addr, n
+_LENGTHS: dict[int, dict[int, int | None]] = {32: {}, 128: {}}  # bits -> mask -> length
 
 
-def _shape(rule: Rule, field: KeyField) -> tuple[object, ...]:
-    """Everything the rule tests except its key field: equal shapes, equal tests."""
-    r = rule
-    return (None if field is KeyField.SRC else r.src, r.src_neg,
-            None if field is KeyField.DST else r.dst, r.dst_neg,
-            r.iif, r.iif_neg, r.oif, r.oif_neg,
-            None if field is KeyField.PROTO else r.proto, r.proto_neg, r.fragment, r.matches)
+def prefix_length(p: Prefix) -> int | None:
+    """``p.length``, memoised by mask (a ruleset uses few distinct masks)."""
+    cache = _LENGTHS.setdefault(p.bits, {})
+    try:
+        return cache[p.mask]
+    except KeyError:
+        n = cache[p.mask] = p.length
+        return n
+
+
+class _Actions:
+    """Distinct targets in order of first use; targets are interned by the parser, so the
+    identity of a target finds its number without hashing it again."""
+
+    def __init__(self) -> None:
+        self.targets: list[Target] = []
+        self._by_id: dict[int, int] = {}
+        self._by_value: dict[Target, int] = {}
+
+    def number(self, t: Target) -> int:
+        n = self._by_id.get(id(t))
+        if n is None:
+            n = self._by_value.get(t)
+            if n is None:
+                n = self._by_value[t] = len(self.targets)
+                self.targets.append(t)
+            self._by_id[id(t)] = n
+        return n
+
+
+def _shapes(rules: Sequence[Rule]) -> dict[KeyField, list[tuple[object, ...] | None]]:
+    """Per key field, per rule: everything the rule tests except that field (equal shapes,
+    equal tests), or None when the rule cannot be part of a run on that field."""
+    n = len(rules)
+    out: dict[KeyField, list[tuple[object, ...] | None]] = {f: [None] * n for f in KeyField}
+    src, dst, proto = out[KeyField.SRC], out[KeyField.DST], out[KeyField.PROTO]
+    term: dict[int, bool] = {}
+    contiguous: dict[int, bool] = {}  # mask -> contiguous (a chain's prefixes share a width)
+    for i, r in enumerate(rules):
+        t = r.target
+        ok = term.get(id(t))
+        if ok is None:
+            ok = term[id(t)] = terminal(t)
+        if not ok:
+            continue
+        p = r.src
+        if p is not None and not r.src_neg and (
+                contiguous[p.mask] if p.mask in contiguous
+                else contiguous.setdefault(p.mask, prefix_length(p) is not None)):
+            src[i] = (None, r.dst, r.dst_neg, r.iif, r.iif_neg, r.oif, r.oif_neg, r.proto,
+                      r.proto_neg, r.fragment, r.matches)
+        p = r.dst
+        if p is not None and not r.dst_neg and (
+                contiguous[p.mask] if p.mask in contiguous
+                else contiguous.setdefault(p.mask, prefix_length(p) is not None)):
+            dst[i] = (r.src, r.src_neg, None, r.iif, r.iif_neg, r.oif, r.oif_neg, r.proto,
+                      r.proto_neg, r.fragment, r.matches)
+        if r.proto and not r.proto_neg:
+            proto[i] = (r.src, r.src_neg, r.dst, r.dst_neg, r.iif, r.iif_neg, r.oif,
+                        r.oif_neg, None, r.fragment, r.matches)
+    return out
 
 
 def find_runs(rules: Sequence[Rule], min_run: int = MIN_RUN) -> list[Run]:
     """The runs of ``rules`` (one chain, in order), left to right, not overlapping; at each
     position the key field giving the longest run wins."""
     n = len(rules)
-    keys = {f: [_key(r, f) for r in rules] for f in KeyField}
-    shapes: dict[KeyField, list[tuple[object, ...] | None]] = {
-        f: [_shape(r, f) if k is not None else None for r, k in zip(rules, keys[f], strict=True)]
-        for f in KeyField
-    }
+    shapes = _shapes(rules)
     out: list[Run] = []
     i = 0
     while i < n:
         best: tuple[int, KeyField] | None = None
         for f in KeyField:
-            s = shapes[f][i]
+            column = shapes[f]
+            s = column[i]
             if s is None:
                 continue
             j = i + 1
-            targets = {rules[i].target}
-            while j < n and shapes[f][j] == s:
-                t = rules[j].target
-                if t not in targets and len(targets) >= MAX_ACTIONS:
-                    break
-                targets.add(t)
+            targets = {id(rules[i].target)}
+            while j < n and column[j] == s:
+                t = id(rules[j].target)
+                if t not in targets:
+                    if len(targets) >= MAX_ACTIONS:
+                        break
+                    targets.add(t)
                 j += 1
-            if j - i >= min_run and (best is None or j - i > best[0] - i):
+            if j - i >= min_run and (best is None or j > best[0]):
                 best = (j, f)
         if best is None:
             i += 1
@@ -158,27 +203,23 @@ def find_runs(rules: Sequence[Rule], min_run: int = MIN_RUN) -> list[Run]:
 
 def build_run(rules: Sequence[Rule], field: KeyField, start: int = 0) -> Run:
     """The lookup table deciding ``rules`` by ``field`` (every rule must be eligible)."""
-    actions: list[Target] = []
-    action_of: list[int] = []
+    actions = _Actions()
+    action_of = []
     for r in rules:
         assert r.target is not None
-        if r.target not in actions:
-            actions.append(r.target)
-        action_of.append(actions.index(r.target))
+        action_of.append(actions.number(r.target))
     if field is KeyField.PROTO:
         first: dict[int, int] = {}
         for k, r in enumerate(rules):
             assert r.proto is not None
             first.setdefault(r.proto, k)
         entries = tuple((proto, 0, k) for proto, k in first.items())
-        return Run(field, start, tuple(rules), tuple(actions), tuple(action_of), entries)
-    prefixes: list[Prefix] = []
-    for r in rules:
-        p = r.src if field is KeyField.SRC else r.dst
-        assert p is not None
-        prefixes.append(p)
+        return Run(field, start, tuple(rules), tuple(actions.targets), tuple(action_of),
+                   entries)
+    prefixes = [r.src for r in rules] if field is KeyField.SRC else [r.dst for r in rules]
+    assert all(p is not None for p in prefixes)
     bits = prefixes[0].bits
-    return Run(field, start, tuple(rules), tuple(actions), tuple(action_of),
+    return Run(field, start, tuple(rules), tuple(actions.targets), tuple(action_of),
                first_containing(prefixes, bits), bits)
 
 
@@ -191,7 +232,7 @@ def first_containing(prefixes: Sequence[Prefix], bits: int) -> tuple[tuple[int, 
     full = (1 << bits) - 1
     exact: dict[tuple[int, int], int] = {}  # (length, addr) -> first rule with that prefix
     for k, p in enumerate(prefixes):
-        n = p.length
+        n = prefix_length(p)
         assert n is not None
         exact.setdefault((n, p.addr), k)
     lengths = sorted({n for n, _ in exact})
@@ -209,20 +250,6 @@ def first_containing(prefixes: Sequence[Prefix], bits: int) -> tuple[tuple[int, 
     return tuple(out)
 
 
-def explain(rules: Sequence[Rule], runs: Sequence[Run]) -> list[str]:
-    """One line per run: which rules (input lines) became which table."""
-    out = []
-    for n, run in enumerate(runs):
-        kind = "lpm_trie" if run.field.is_prefix else "hash"
-        lines = run.lines
-        out.append(f"table {n}: rules {run.start + 1}-{run.stop} (lines {lines[0]}-{lines[-1]}) "
-                   f"-> {kind} on {run.field.value}, {len(run.entries)} entries, "
-                   f"{len(run.actions)} action(s): "
-                   + ", ".join(f"{'-g ' if t.kind is TargetKind.GOTO else ''}{t.name}"
-                               for t in run.actions))
-    return out
-
-
 # --- multi-field runs: linear bit-vector search ------------------------------------------------
 #
 # A stretch of rules that test only source and destination prefixes, a protocol and tcp/udp
@@ -236,6 +263,9 @@ def explain(rules: Sequence[Rule], runs: Sequence[Run]) -> list[str]:
 # rule whose addresses and protocol match hot-drops the packet if it has ports).
 
 MIN_CLASSIFIER = 64  # shorter stretches are cheaper one rule at a time
+# Longer stretches are cut into several classifiers, one after the other: a bitmap costs
+# rules/8 bytes per table entry, and the word loop rules/64 steps per packet.
+MAX_CLASSIFIER = 16384
 PORT_SPACE = 65536
 NORMAL, NOMATCH, HOTDROP = 0, 1, 2  # packet classes; proto bitmaps: NOMATCH at 256 + proto
 
@@ -328,12 +358,11 @@ def _ports(rule: Rule) -> tuple[PortRange, PortRange] | None:
 
 def classifiable(rule: Rule) -> bool:
     """True for a rule of ClassBench shape with a terminal target (IPv4 only)."""
-    if not terminal(rule.target) or rule.src_neg or rule.dst_neg or rule.proto_neg:
-        return False
-    if rule.iif is not None or rule.oif is not None or rule.fragment is not None:
+    if (rule.src_neg or rule.dst_neg or rule.proto_neg or rule.iif is not None
+            or rule.oif is not None or rule.fragment is not None or not terminal(rule.target)):
         return False
     for p in (rule.src, rule.dst):
-        if p is not None and (p.bits != 32 or p.length is None):
+        if p is not None and (p.bits != 32 or prefix_length(p) is None):
             return False
     if not rule.matches:
         return True
@@ -349,7 +378,7 @@ def classifiable(rule: Rule) -> bool:
 def _prefix_bitmaps(prefixes: Sequence[Prefix | None]) -> tuple[tuple[int, int, int], ...]:
     own: dict[tuple[int, int], int] = {(0, 0): 0}  # (length, addr) -> rules with that prefix
     for k, p in enumerate(prefixes):
-        n, addr = (0, 0) if p is None else (p.length or 0, p.addr)
+        n, addr = (0, 0) if p is None else (prefix_length(p) or 0, p.addr)
         own[(n, addr)] = own.get((n, addr), 0) | (1 << k)
     lengths = sorted({n for n, _ in own})
     out = []
@@ -383,13 +412,11 @@ def _port_field(ranges: Sequence[PortRange | None]) -> PortField:
 
 def build_classifier(rules: Sequence[Rule], start: int = 0) -> Classifier:
     """The bit-vector tables of ``rules`` (every rule must be ``classifiable``)."""
-    actions: list[Target] = []
-    action_of: list[int] = []
+    actions = _Actions()
+    action_of = []
     for r in rules:
         assert r.target is not None
-        if r.target not in actions:
-            actions.append(r.target)
-        action_of.append(actions.index(r.target))
+        action_of.append(actions.number(r.target))
     ports = [_ports(r) for r in rules]
     any_proto = sum(1 << k for k, r in enumerate(rules) if not r.proto)
     unported = sum(1 << k for k, p in enumerate(ports) if p is None)
@@ -399,7 +426,8 @@ def build_classifier(rules: Sequence[Rule], start: int = 0) -> Classifier:
             by_proto[r.proto] |= 1 << k
     proto = (*by_proto, *(b & unported for b in by_proto))
     return Classifier(
-        start, tuple(rules), tuple(actions), tuple(action_of), tuple(p is not None for p in ports),
+        start, tuple(rules), tuple(actions.targets), tuple(action_of),
+        tuple(p is not None for p in ports),
         _prefix_bitmaps([r.src for r in rules]), _prefix_bitmaps([r.dst for r in rules]), proto,
         _port_field([None if p is None else p[0] for p in ports]),
         _port_field([None if p is None else p[1] for p in ports]))
@@ -409,9 +437,11 @@ Segment = Run | Classifier
 
 
 def plan(rules: Sequence[Rule], family: int = 4, min_run: int = MIN_RUN,
-         min_classifier: int = MIN_CLASSIFIER) -> list[Segment]:
+         min_classifier: int = MIN_CLASSIFIER,
+         max_classifier: int = MAX_CLASSIFIER) -> list[Segment]:
     """Runs and classifiers for a chain, left to right, not overlapping. A stretch of
-    classifiable rules that one single-field run covers whole stays that run."""
+    classifiable rules that one single-field run covers whole stays that run; others become
+    classifiers of at most ``max_classifier`` rules."""
     out: list[Segment] = []
     n = len(rules)
     i = 0
@@ -425,11 +455,40 @@ def plan(rules: Sequence[Rule], family: int = 4, min_run: int = MIN_RUN,
             j += 1
         if j - i >= min_classifier:
             runs = find_runs(rules[i:j], min_run)
-            if not (len(runs) == 1 and runs[0].start == 0 and runs[0].stop == j - i):
-                out.extend(replace(r, start=r.start + pending)
-                           for r in find_runs(rules[pending:i], min_run))
-                out.append(build_classifier(rules[i:j], i))
+            out.extend(replace(r, start=r.start + pending)
+                       for r in find_runs(rules[pending:i], min_run))
+            if len(runs) == 1 and runs[0].start == 0 and runs[0].stop == j - i:
+                out.append(replace(runs[0], start=i))
                 pending = j
+            else:
+                pending = i
+                while j - pending >= min_classifier:
+                    end = min(j, pending + max_classifier)
+                    out.append(build_classifier(rules[pending:end], pending))
+                    pending = end
         i = j
     out.extend(replace(r, start=r.start + pending) for r in find_runs(rules[pending:], min_run))
+    return out
+
+
+def _targets(actions: Sequence[Target]) -> str:
+    return ", ".join(f"{'-g ' if t.kind is TargetKind.GOTO else ''}{t.name}" for t in actions)
+
+
+def explain(segments: Sequence[Segment]) -> list[str]:
+    """One line per run or classifier: which rules (input lines) became which tables."""
+    out = []
+    for n, seg in enumerate(segments):
+        lines = seg.lines
+        head = f"lookup {n}: rules {seg.start + 1}-{seg.stop} (lines {lines[0]}-{lines[-1]}) -> "
+        if isinstance(seg, Run):
+            kind = "hash" if seg.exact else "lpm_trie"
+            out.append(f"{head}{kind} on {seg.field.value}, {len(seg.entries)} entries, "
+                       f"{len(seg.actions)} action(s): {_targets(seg.actions)}")
+        else:
+            out.append(f"{head}bit-vector classifier, {seg.words} words per bitmap: -s "
+                       f"lpm_trie {len(seg.src)} entries, -d lpm_trie {len(seg.dst)} entries, "
+                       f"-p array, --sport {len(seg.sport.starts)} intervals, --dport "
+                       f"{len(seg.dport.starts)} intervals; {len(seg.actions)} action(s): "
+                       f"{_targets(seg.actions)}")
     return out

@@ -48,7 +48,7 @@ from bpfilter.codegen.uapi import NfHook, NfPriority, NfProto, NfVerdict, ProgTy
 pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
 
 CI_RULESETS = 80
-CI_PACKETS = 60
+CI_PACKETS = 80
 SOAK_PACKETS_PER_RULESET = 200
 MAX_REFUSED = 0.1  # fraction of rulesets the candidate may refuse (CompileError)
 BASE_SEED = int(os.environ.get("BPFILTER_SEED", "20261125"))

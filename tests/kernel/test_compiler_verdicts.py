@@ -62,12 +62,13 @@ def icmp(kind: int = 8, code: int = 0) -> bytes:
 # --- rulesets --------------------------------------------------------------------------------
 
 def ruleset(rules: str, *, family: int = 4, policy: str = "ACCEPT", chains: str = "",
-            table: str = "filter") -> CompiledRuleset:
+            table: str = "filter", optimize: bool = True) -> CompiledRuleset:
     builtin = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "raw": ("PREROUTING", "OUTPUT")}[table]
     lines = [f"*{table}"] + [f":{c} {policy} [0:0]" for c in builtin]
     lines += [f":{c} - [0:0]" for c in chains.split()]
     lines += [r.strip() for r in rules.strip().splitlines()] + ["COMMIT", ""]
-    return compile_ruleset(parse_restore("\n".join(lines), family=family), family)
+    return compile_ruleset(parse_restore("\n".join(lines), family=family), family,
+                           optimize=optimize)
 
 
 def verdict(rules: str, packet: bytes, *, family: int = 4, hook: NfHook = NfHook.LOCAL_IN,
@@ -413,7 +414,7 @@ def test_linear_rules_pass_the_verifier(count: int, capsys: pytest.CaptureFixtur
                       f"--dport {1 + i % 60000} -j DROP" for i in range(count))
     text = f"*filter\n:INPUT ACCEPT [0:0]\n{rules}\nCOMMIT\n"
     t0 = time.perf_counter()
-    compiled = compile_ruleset(parse_restore(text), 4)
+    compiled = compile_ruleset(parse_restore(text), 4, optimize=False)  # linear on purpose
     t1 = time.perf_counter()
     program = compiled.programs[0]
     with bpf.map_create(compiled.maps[0]) as counters:
@@ -450,7 +451,7 @@ def test_long_user_chain_is_split_into_parts() -> None:
                 -A X -p tcp --dport 22 -j RETURN
                 -A X -j ACCEPT
                 -A Y -j RETURN"""
-    compiled = ruleset(rules, chains="X Y")
+    compiled = ruleset(rules, chains="X Y", optimize=False)  # linear on purpose
     funcs = [name for _, name, _ in compiled.programs[0].funcs]
     assert sum(name.startswith("chain_0_part_") for name in funcs) > 1
     with loader.TestRunner(compiled) as run:

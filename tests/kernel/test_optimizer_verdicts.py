@@ -9,14 +9,14 @@ import struct
 from collections import Counter
 from pathlib import Path
 
+import classbench as cb
 import pytest
 
 from bpfilter import loader
 from bpfilter.codegen.compiler import CompiledRuleset, compile_ruleset
 from bpfilter.codegen.uapi import NfHook
 from bpfilter.grammar.iptables import parse_restore
-
-import classbench as cb
+from bpfilter.ir.optimizer import Classifier
 
 DROP, ACCEPT = 0, 1
 NET4 = "198.18.{}.{}"
@@ -31,11 +31,12 @@ def _addr(rng: random.Random, family: int) -> str:
     return NET4.format(a, b) if family == 4 else NET6.format(a, b)
 
 
-def _prefix(rng: random.Random, family: int) -> str:
-    """Prefixes of a small space, so that they overlap and nest often."""
+def _prefix(rng: random.Random, family: int, full: bool = False) -> str:
+    """Prefixes of a small space, so that they overlap and nest often (``full``: hosts)."""
+    a, b = rng.randrange(4), rng.randrange(8)
     if family == 4:
-        return f"{NET4.format(rng.randrange(4), rng.randrange(8))}/{rng.choice([22, 24, 29, 30, 32])}"
-    return f"{NET6.format(rng.randrange(4), rng.randrange(8))}/{rng.choice([94, 96, 125, 126, 128])}"
+        return f"{NET4.format(a, b)}/{32 if full else rng.choice([22, 24, 29, 30, 32])}"
+    return f"{NET6.format(a, b)}/{128 if full else rng.choice([94, 96, 125, 126, 128])}"
 
 
 def _run(rng: random.Random, family: int, chain: str, user: bool) -> list[str]:
@@ -51,8 +52,9 @@ def _run(rng: random.Random, family: int, chain: str, user: bool) -> list[str]:
     if chain == "SUB" and rng.random() < 0.3:
         targets.append("-g LEAF")
     out = []
+    hosts = rng.random() < 0.3  # only full-length prefixes: a hash table instead of a trie
     for _ in range(rng.randrange(4, 14)):
-        key = (_prefix(rng, family) if field != "-p"
+        key = (_prefix(rng, family, hosts) if field != "-p"
                else str(rng.choice([6, 17, 47, 50, 58 if family == 6 else 1])))
         t = rng.choice(targets)
         out.append(f"-A {chain} {field} {key} {shared} {t if t.startswith('-g') else '-j ' + t}")
@@ -153,6 +155,78 @@ def test_hundred_thousand_rules_load_and_decide() -> None:
     assert hit == {pos for _, _, pos in cases}
 
 
+# --- bit-vector classifiers -----------------------------------------------------------------------
+
+PORTS = (0, 21, 22, 23, 1023, 1024, 8080, 65535)
+
+
+def _port_range(rng: random.Random) -> str:
+    lo, hi = sorted(rng.sample(PORTS, 2))
+    return rng.choice([f"{lo}:{hi}", str(lo), f"{lo}:"])
+
+
+def classifier_ruleset(seed: int) -> str:
+    """ClassBench-shaped rules: prefixes, protocols, tcp/udp port ranges, terminal targets."""
+    rng = random.Random(seed)
+    rules = []
+    for _ in range(rng.randrange(70, 200)):
+        parts = []
+        for flag in ("-s", "-d"):
+            if rng.random() < 0.8:
+                parts.append(f"{flag} {_prefix(rng, 4)}")
+        proto = rng.choice(["", "tcp", "tcp", "udp", "udp", "47"])
+        if proto:
+            parts.append(f"-p {proto}")
+        if proto in ("tcp", "udp") and rng.random() < 0.8:
+            parts.append(f"-m {proto}")
+            for opt in ("--sport", "--dport"):
+                if rng.random() < 0.6:
+                    parts.append(f"{opt} {_port_range(rng)}")
+        parts.append("-j " + rng.choice(["ACCEPT", "DROP", "ACCEPT", "DROP", "RETURN"]))
+        rules.append("-A INPUT " + " ".join(parts))
+    policy = rng.choice(["ACCEPT", "DROP"])
+    return "\n".join(["*filter", f":INPUT {policy} [0:0]", ":FORWARD ACCEPT [0:0]",
+                      ":OUTPUT ACCEPT [0:0]", *rules, "COMMIT", ""])
+
+
+def classifier_packet(rng: random.Random) -> bytes:
+    proto = rng.choice([6, 6, 17, 17, 47, 1])
+    sport, dport = rng.choice(PORTS), rng.choice(PORTS)
+    if proto == 6:
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 5 << 4, 0x02, 1024, 0, 0)
+    elif proto == 17:
+        l4 = struct.pack("!HHHH", sport, dport, 12, 0) + b"abcd"
+    else:
+        l4 = bytes(8)
+    kind = rng.random()
+    frag = 0
+    if kind < 0.1:
+        l4 = l4[:rng.choice([2, 6, 12])]  # too short for the tcp/udp match: hot drop
+    elif kind < 0.2:
+        frag = rng.choice([1, 1, 2, 100])  # a later fragment (offset 1: tcp's hot drop)
+    src = ipaddress.ip_address(_addr(rng, 4)).packed
+    dst = ipaddress.ip_address(_addr(rng, 4)).packed
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, frag, 64, proto, 0,
+                       src, dst) + l4
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_classifier_and_linear_programs_agree(seed: int) -> None:
+    ruleset = parse_restore(classifier_ruleset(seed))
+    # Every third seed cuts the stretch into several classifiers, one after the other.
+    most = 40 if seed % 3 == 0 else 1000
+    optimized = compile_ruleset(ruleset, 4, min_classifier=16, max_classifier=most)
+    classifiers = [run for _, _, run, _ in optimized.lookups if isinstance(run, Classifier)]
+    assert classifiers and all(len(c.rules) <= most for c in classifiers)
+    linear = compile_ruleset(ruleset, 4, optimize=False)
+    rng = random.Random(2000 + seed)
+    packets = [classifier_packet(rng) for _ in range(300)]
+    got, got_counters = _verdicts(optimized, packets)
+    want, want_counters = _verdicts(linear, packets)
+    assert got == want
+    assert got_counters == want_counters
+
+
 # --- ClassBench ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["acl1", "fw1", "ipc1"])
@@ -161,6 +235,7 @@ def test_classbench_traces_match_the_reference(shared_dir: Path, name: str) -> N
     rules = cb.read_rules(base / f"{name}_1k")
     trace = cb.read_trace(base / f"{name}_1k_trace")
     compiled = compile_ruleset(parse_restore(cb.restore_text(rules)), 4)
+    assert [type(run) for _, _, run, _ in compiled.lookups] == [Classifier]
     want = [cb.first_match(rules, p) for p in trace]
     with loader.TestRunner(compiled) as runner:
         got = [runner.run(NfHook.LOCAL_IN, cb.packet(p)) for p in trace]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -99,7 +100,7 @@ def test_commit_pins_state_and_reads_it_back(ns: str) -> None:
     assert _commit(ns, text) == 1
     assert _commit(ns, text) == 2
     names = {p.name for p in bpffs.pins(ns)}
-    assert names == {pin_name(FILTER, n) for n in (
+    assert names == {state.OWNER_PIN} | {pin_name(FILTER, n) for n in (
         "ctl", "progs", "link-INPUT", "link-FORWARD", "link-OUTPUT", "g2-text",
         "g2-map-counters")}
     assert bpffs.pin_dir(ns, create=False).stat().st_mode & 0o777 == 0o700
@@ -160,3 +161,25 @@ def test_programs_live_on_in_the_pinned_prog_array_after_their_fds_close(ns: str
         gen = d.generation()
         assert d.prog_id(gen, NfHook.LOCAL_IN) is not None
         assert struct.unpack("<I", d.ctl.lookup(struct.pack("<I", 0)) or b"")[0] == gen == 1
+
+
+def test_pins_of_a_namespace_deleted_and_created_again_are_dropped(ns: str) -> None:
+    _commit(ns, _text("-A INPUT -j DROP\n"))
+    assert not state.stale(ns)
+    mine = set()
+    for chain in FILTER.hooks:
+        with bpf.link_from_fd(bpffs.get(pin_name(FILTER, f"link-{chain}"), ns)) as link:
+            mine.add(link.id)
+    subprocess.run(["ip", "netns", "del", ns], check=True, timeout=10)
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    assert state.stale(ns)
+    assert state.live_table(FILTER, ns) is None and state.status(ns) == []
+    assert _commit(ns, _text("-A INPUT -j ACCEPT\n")) == 1  # starts afresh
+    assert not state.stale(ns)
+    live = state.live_table(FILTER, ns)
+    assert live is not None and "-j ACCEPT" in live.text
+    # The old dispatchers' links went with their pins (released by a kernel work item).
+    deadline = time.monotonic() + 5
+    while mine & set(bpf.link_ids()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mine & set(bpf.link_ids())

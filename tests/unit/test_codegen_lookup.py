@@ -14,11 +14,12 @@ from bpfilter.codegen.insn import Insn
 from bpfilter.codegen.matchers import Emitter
 from bpfilter.codegen.uapi import MapFlag, MapType
 from bpfilter.grammar.iptables import parse_restore
-from bpfilter.ir.model import Prefix, Rule, Target, TargetKind
-from bpfilter.ir.optimizer import KeyField, build_run
+from bpfilter.ir.model import Match, Option, PortRange, Prefix, Rule, Target, TargetKind
+from bpfilter.ir.optimizer import Classifier, KeyField, build_classifier, build_run
 
 ACCEPT = Target(TargetKind.VERDICT, "ACCEPT")
 DROP = Target(TargetKind.VERDICT, "DROP")
+U32 = 0xFFFFFFFF
 
 
 def _run4() -> lookup.Run:
@@ -41,6 +42,20 @@ def test_prefix_contents_encode_length_address_counter_action() -> None:
         struct.pack("<I", 16) + bytes([198, 18, 0, 0]): struct.pack("<II", 10, 0),
         struct.pack("<I", 24) + bytes([198, 18, 1, 0]): struct.pack("<II", 10, 0),
     }
+
+
+def test_host_runs_use_a_hash_keyed_by_the_address() -> None:
+    full = (1 << 128) - 1
+    run = build_run([Rule(src=Prefix(0x20010DB8 << 96 | k, full, 128), target=DROP)
+                     for k in range(3)], KeyField.SRC)
+    spec = lookup.map_spec("h", run)
+    assert (spec.type, spec.key_size, spec.max_entries, spec.flags) == (MapType.HASH, 16, 3, 0)
+    assert dict(lookup.map_contents(run, 1))[bytes.fromhex("20010db8") + bytes(11) + b"\2"] \
+        == struct.pack("<II", 3, 0)
+    em = Emitter(6, "r", "r:fail", "r:hot")
+    lookup.emit_lookup(em, run, "h")
+    stores = [it for it in em.items if isinstance(it, Insn) and it.dst == 10]
+    assert [i.off for i in stores] == [-24, -20, -16, -12]  # no prefix length in the key
 
 
 def test_ipv6_and_protocol_maps() -> None:
@@ -117,3 +132,48 @@ def test_short_runs_stay_linear() -> None:
     compiled = compile_ruleset(parse_restore(_ruleset(BLOCK[:3])), 4)
     assert not compiled.lookups
     assert compile_ruleset(parse_restore(_ruleset(BLOCK[:3])), 4, min_run=2).lookups
+
+
+def _classifier() -> Classifier:
+    tcp = Match("tcp", (Option("--dport", PortRange(20, 29)),))
+    rules = [Rule(src=Prefix(0xC6120000 + k, U32, 32), proto=6, matches=(tcp,),
+                  target=DROP if k % 2 else ACCEPT) for k in range(70)]
+    rules.append(Rule(dst=Prefix(0xC6120000, 0xFFFF0000, 32), target=ACCEPT))
+    return build_classifier(rules, start=2)
+
+
+def test_classifier_maps_are_sized_and_filled() -> None:
+    cls = _classifier()
+    maps = {spec.name: (spec, dict(contents))
+            for spec, contents in lookup.classifier_maps("cls0", cls, first_index=9)}
+    assert list(maps) == [f"cls0_{k}" for k in lookup.CLASSIFIER_MAPS]
+    src, src_items = maps["cls0_src"]
+    assert (src.type, src.key_size, src.value_size, src.flags) == (
+        MapType.LPM_TRIE, 8, 16, MapFlag.NO_PREALLOC)
+    assert src.max_entries == 71  # 70 /32s and the /0 of the last rule
+    bitmap = src_items[struct.pack("<I", 32) + bytes([198, 18, 0, 5])]
+    assert int.from_bytes(bitmap, "little") == (1 << 5) | (1 << 70)
+    didx, didx_items = maps["cls0_didx"]
+    assert (didx.type, didx.max_entries, didx.value_size) == (MapType.ARRAY, 65536, 4)
+    intervals = [struct.unpack("<I", didx_items[struct.pack("<I", p)])[0] for p in (19, 20, 29, 30)]
+    assert intervals == [0, 1, 1, 2]
+    dbits = maps["cls0_dbits"][1]
+    assert len(dbits) == 4  # three intervals and "every rule"
+    assert int.from_bytes(dbits[struct.pack("<I", 3)], "little") == (1 << 71) - 1
+    acts = maps["cls0_acts"][1]
+    assert struct.unpack("<III", acts[struct.pack("<I", 1)]) == (10, 1, 1)
+    assert struct.unpack("<III", acts[struct.pack("<I", 70)]) == (79, 0, 0)
+    assert maps["cls0_proto"][0].max_entries == 512
+
+
+def test_emit_classifier_scans_every_word_once() -> None:
+    cls = _classifier()
+    names = {k: f"c_{k}" for k in lookup.CLASSIFIER_MAPS}
+    em = Emitter(4, "r", "r:fail", "r:hot")
+    lookup.emit_classifier(em, cls, names)
+    insns = [it for it in em.items if isinstance(it, Insn)]
+    assert sorted(i.ref for i in insns if i.ref in names.values()) == sorted(names.values())
+    assert em.used_hotdrop
+    # The word loop: one 64-bit load per word and per field (offsets 0 and 8 here).
+    dw_loads = [i.off for i in insns if i.opcode == 0x79 and i.off in (0, 8) and i.src != 10]
+    assert sorted(dw_loads) == [0] * 5 + [8] * 5

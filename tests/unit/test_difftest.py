@@ -248,7 +248,7 @@ def test_probes_are_deterministic_valid_and_varied(family: int) -> None:
         assert not p.forward or (p.flow == "new" and p.ttl >= 2)
     assert {p.iface for p in probes} == set(range(len(RX_IFACES)))
     assert len({p.proto for p in probes}) >= 3
-    assert sum(p.src != p.dst for p in probes) >= 390
+    assert sum(p.src != p.dst for p in probes) >= 340  # equal only where a rule says so
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -278,6 +278,17 @@ def test_probes_aim_at_forward_rules() -> None:
     probes = make_probes(_ruleset(4, [rule]), 2, 300)
     aimed = [p for p in probes if p.forward and p.proto == PROTO_UDP and p.sport == 7]
     assert len(aimed) > 100
+
+
+def test_aimed_probes_try_to_slip_past_earlier_rules() -> None:
+    rules = [GenRule("INPUT", (("-s", "198.18.1.0/24"),), ("-j", "DROP")),
+             GenRule("INPUT", (("-p", "udp"),), ("-j", "ACCEPT"))]
+    probes = make_probes(_ruleset(4, rules), 8, 400)
+    net = ipaddress.ip_network("198.18.1.0/24")
+    udp = [p for p in probes if p.proto == PROTO_UDP]
+    # Without slipping past rule 1 about 30% would lie outside its prefix.
+    assert sum(ipaddress.ip_address(p.src) not in net for p in udp) > 0.45 * len(udp)
+    assert any(ipaddress.ip_address(p.src) in net for p in probes)
 
 
 def test_aimed_probes_follow_jumps_and_tcp_flags() -> None:

@@ -6,7 +6,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfilter.ir.model import Match, Option, PortRange, Prefix, Rule, Target, TargetKind
-from bpfilter.ir.optimizer import KeyField, build_run, explain, find_runs, first_containing
+from bpfilter.ir.optimizer import (
+    HOTDROP,
+    NOMATCH,
+    NORMAL,
+    KeyField,
+    Run,
+    build_classifier,
+    build_run,
+    classifiable,
+    explain,
+    find_runs,
+    first_containing,
+    plan,
+)
 
 ACCEPT = Target(TargetKind.VERDICT, "ACCEPT")
 DROP = Target(TargetKind.VERDICT, "DROP")
@@ -138,9 +151,15 @@ def test_find_runs_mixes_terminal_targets() -> None:
 
 def test_explain_names_lines_and_tables() -> None:
     rules = _blocklist(6)
-    text = explain(rules, find_runs(rules))
-    assert text == ["table 0: rules 1-6 (lines 1-6) -> lpm_trie on -s, 6 entries, "
+    text = explain(find_runs(rules))
+    assert text == ["lookup 0: rules 1-6 (lines 1-6) -> hash on -s, 6 entries, "
                     "1 action(s): DROP"]
+    mixed = [Rule(src=prefix(k, 32), dst=prefix(k << 8, 24), proto=6, matches=(TCP22,),
+                  target=ACCEPT if k % 2 else GOTO_X, line=k + 1) for k in range(70)]
+    (line,) = explain(plan(mixed))
+    assert line == ("lookup 0: rules 1-70 (lines 1-70) -> bit-vector classifier, 2 words per "
+                    "bitmap: -s lpm_trie 71 entries, -d lpm_trie 71 entries, -p array, "
+                    "--sport 1 intervals, --dport 3 intervals; 2 action(s): -g X, ACCEPT")
 
 
 def test_large_blocklist_is_one_run() -> None:
@@ -148,3 +167,105 @@ def test_large_blocklist_is_one_run() -> None:
     (run,) = find_runs(rules)
     assert len(run.entries) == 20_000
     assert run.first_match(0xC612_0000 + 12_345) == 12_345
+
+
+# --- bit-vector classifiers -------------------------------------------------------------------
+
+PORTS = (0, 21, 22, 23, 1023, 1024, 65535)
+
+
+@st.composite
+def _cb_rules(draw: st.DrawFn) -> Rule:
+    src = draw(st.none() | _prefixes(32))
+    dst = draw(st.none() | _prefixes(32))
+    proto = draw(st.sampled_from([None, 6, 17, 47]))
+    matches: tuple[Match, ...] = ()
+    if proto in (6, 17) and draw(st.booleans()):
+        opts = []
+        for name in ("--sport", "--dport"):
+            if draw(st.booleans()):
+                lo, hi = sorted(draw(st.lists(st.sampled_from(PORTS), min_size=2, max_size=2)))
+                opts.append(Option(name, PortRange(lo, hi)))
+        matches = (Match("tcp" if proto == 6 else "udp", tuple(opts)),)
+    target = draw(st.sampled_from([ACCEPT, DROP, RETURN]))
+    return Rule(src=src, dst=dst, proto=proto, matches=matches, target=target)
+
+
+def _cb_linear(rules: list[Rule], src: int, dst: int, proto: int, sport: int, dport: int,
+               klass: int) -> tuple[int, bool] | None:
+    for k, r in enumerate(rules):
+        if r.src is not None and not contains(r.src, src):
+            continue
+        if r.dst is not None and not contains(r.dst, dst):
+            continue
+        if r.proto is not None and r.proto != proto:
+            continue
+        if r.matches:
+            if klass == HOTDROP:
+                return k, True
+            if klass == NOMATCH:
+                continue
+            m = r.matches[0]
+            ok = True
+            for name, port in (("--sport", sport), ("--dport", dport)):
+                o = m.get(name)
+                if o is not None:
+                    assert isinstance(o.value, PortRange)
+                    ok = ok and o.value.lo <= port <= o.value.hi
+            if not ok:
+                continue
+        return k, False
+    return None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_classifier_gives_the_first_match(data: st.DataObject) -> None:
+    rules = data.draw(st.lists(_cb_rules(), min_size=1, max_size=150))
+    assert all(classifiable(r) for r in rules)
+    cls = build_classifier(rules)
+    assert cls.words == (len(rules) + 63) // 64
+    for _ in range(20):
+        src, dst = data.draw(_packets(32)), data.draw(_packets(32))
+        proto = data.draw(st.sampled_from([6, 17, 47, 1]))
+        sport, dport = data.draw(st.sampled_from(PORTS)), data.draw(st.integers(0, 65535))
+        klass = data.draw(st.sampled_from([NORMAL, NOMATCH, HOTDROP]))
+        assert (cls.decide(src, dst, proto, sport, dport, klass)
+                == _cb_linear(rules, src, dst, proto, sport, dport, klass))
+
+
+def test_classifiable_refuses_other_shapes() -> None:
+    ok = Rule(src=prefix(1, 32), proto=6, matches=(TCP22,), target=DROP)
+    assert classifiable(ok)
+    for bad in (Rule(src=prefix(1, 32), src_neg=True, target=DROP),
+                Rule(src=Prefix(1, 0xFF00FF00, 32), target=DROP),
+                Rule(iif="eth0", target=DROP),
+                Rule(fragment=True, target=DROP),
+                Rule(proto=17, matches=(TCP22,), target=DROP),
+                Rule(proto=6, matches=(Match("tcp", (Option("--dport", PortRange(1, 2),
+                                                             negated=True),)),), target=DROP),
+                Rule(proto=6, matches=(TCP22, Match("comment", (Option("--comment", "x"),))),
+                     target=DROP),
+                Rule(src=prefix(1, 32), target=JUMP_X),
+                Rule(src=prefix(1 << 100, 64, 128), target=DROP)):
+        assert not classifiable(bad), bad
+
+
+def test_plan_prefers_one_single_field_run_and_cuts_classifiers() -> None:
+    block = _blocklist(100)
+    (run,) = plan(block)
+    assert isinstance(run, Run)
+    mixed = [Rule(src=prefix(k, 32), dst=prefix(k * 7, 24), target=DROP) for k in range(80)]
+    counting = Rule(src=prefix(1, 32))  # no target: not classifiable
+    segs = plan([*_blocklist(5), counting, *mixed, counting, *mixed[:10]])
+    assert [(type(s).__name__, s.start, s.stop) for s in segs] == [
+        ("Run", 0, 5), ("Classifier", 6, 86), ("Run", 87, 97)]
+    assert plan(mixed, family=6) == find_runs(mixed)
+    # A long stretch: classifiers of at most max_classifier rules, a short tail stays linear.
+    many = [Rule(src=prefix(k, 32), dst=prefix(k * 7, 24), target=DROP) for k in range(300)]
+    segs = plan(many, max_classifier=100)
+    assert [(type(s).__name__, s.start, s.stop) for s in segs] == [
+        ("Classifier", 0, 100), ("Classifier", 100, 200), ("Classifier", 200, 300)]
+    segs = plan(many[:250], max_classifier=100, min_run=1000)
+    assert [(s.start, s.stop) for s in segs] == [(0, 100), (100, 200)]
+    assert all(isinstance(s, Run) for s in plan(mixed, min_classifier=100))

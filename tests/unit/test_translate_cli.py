@@ -68,3 +68,36 @@ def test_errors_go_to_stderr_with_location_and_exit_code(
 def test_missing_file(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(monkeypatch, capsys, ["/nonexistent/rules"])
     assert rc == 1 and out == "" and "can't open" in err
+
+
+RUN = ("*filter\n:INPUT DROP [0:0]\n-A INPUT -p tcp --dport 22 -j ACCEPT\n"
+       + "".join(f"-A INPUT -s 198.18.0.{i} -j DROP\n" for i in range(1, 6)) + "COMMIT\n")
+
+
+def test_explain_lists_lookups_and_maps(monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(monkeypatch, capsys, ["--explain"], RUN)
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[:2] == [
+        "filter INPUT: 6 rules, 5 in 1 lookup(s), 1 one by one",
+        "  lookup 0: rules 2-6 (lines 4-8) -> hash on -s, 5 entries, 1 action(s): DROP"]
+    assert "map lookup_0: hash, key 4 B, value 8 B, 5 entries" in lines
+
+
+def test_asm_marks_rule_lines(monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(monkeypatch, capsys, ["--to", "asm"], RUN)
+    assert rc == 0 and err == ""
+    assert out.startswith("; program filter_INPUT4: table filter, chain INPUT, hook LOCAL_IN")
+    assert "; line 3: INPUT rule 1" in out
+    assert "; lines 4-8: INPUT rules 2-6 by lookup in lookup_0" in out
+    assert "call bpf_map_lookup_elem" in out
+
+
+def test_asm_names_a_rule_that_does_not_compile(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    text = "*filter\n:INPUT DROP [0:0]\n-A INPUT -j LOG\nCOMMIT\n"
+    rc, out, err = run(monkeypatch, capsys, ["--to", "asm"], text)
+    assert rc == 1 and out == ""
+    assert err.startswith("bpfilter translate: <stdin>:line 3: ")
