@@ -108,6 +108,9 @@ ACTS = struct.Struct("<III")  # counter index, action, 1 when the rule tests por
 _CLASS_REG = R9  # the packet class (optimizer NORMAL / NOMATCH / HOTDROP)
 _PTRS = (R3, R4, R5, R6, R8)  # bitmaps of src, dst, proto, sport, dport during the scan
 _SPILL = (-32, -40, -48, -56, -64)  # where the bitmap pointers wait across the lookups
+# (log2 of a step, mask of the bit positions that have that bit set)
+_BIT_MASKS = ((5, 0xFFFFFFFF00000000), (4, 0xFFFF0000FFFF0000), (3, 0xFF00FF00FF00FF00),
+              (2, 0xF0F0F0F0F0F0F0F0), (1, 0xCCCCCCCCCCCCCCCC), (0, 0xAAAAAAAAAAAAAAAA))
 CLASSIFIER_MAPS = ("src", "dst", "proto", "sidx", "sbits", "didx", "dbits", "acts")
 
 
@@ -228,14 +231,14 @@ def emit_classifier(em: Emitter, cls: Classifier, names: dict[str, str]) -> None
                     asm.jmp("jeq", R1, 0, nxt))
         em.emit(asm.mov64(R0, 64 * i), asm.ja(found), Label(nxt))
     em.emit(asm.ja(em.fail), Label(found))
-    for shift in (32, 16, 8, 4, 2, 1):  # r0 += index of the lowest bit set in r1
-        low = em.label("low")
-        if shift == 32:
-            em.emit(asm.mov32(R2, R1))
-        else:
-            em.emit(asm.mov64(R2, R1), asm.and64(R2, (1 << shift) - 1))
-        em.emit(asm.jmp("jne", R2, 0, low), asm.rsh64(R1, shift), asm.add64(R0, shift),
-                Label(low))
+    # r0 += index of the lowest bit set in r1, without branches: the verifier would
+    # otherwise walk every combination of them once per word that jumps here.
+    em.emit(asm.mov64(R2, R1), asm.neg64(R2), asm.and64(R1, R2, comment="lowest set bit"))
+    for shift, mask in _BIT_MASKS:
+        em.emit(asm.ld_imm64(R2, mask), asm.and64(R2, R1),
+                asm.mov64(R3, R2), asm.neg64(R3), asm.or64(R2, R3),
+                asm.rsh64(R2, 63, comment="1 if the bit is in the mask's half"),
+                asm.lsh64(R2, shift), asm.add64(R0, R2))
     em.emit(asm.stx(Size.W, FP, KEY_SLOT, R0))
     _lookup(em, names["acts"], None)
     ok = em.label("act")
