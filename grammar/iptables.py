@@ -994,9 +994,10 @@ def _renamed(r: Rule, old: str, new: str) -> Rule:
 
 
 def parse_command(argv: list[str], *, family: int = 4, table: str = "filter",
-                  filename: str = "<argv>") -> Ruleset:
-    """One `iptables ARGS...` command applied to empty tables (as the iptables binary parses
-    it: no restore tokenising, `-t TABLE` allowed). Returns the resulting table.
+                  filename: str = "<argv>", base: Ruleset | None = None) -> Ruleset:
+    """One `iptables ARGS...` command applied to empty tables, or to ``base``'s table (as the
+    iptables binary parses it: no restore tokenising, `-t TABLE` allowed). Returns the
+    resulting table.
     """
     if family not in (4, 6):
         raise ValueError(f"family must be 4 or 6, not {family}")
@@ -1006,7 +1007,7 @@ def parse_command(argv: list[str], *, family: int = 4, table: str = "filter",
             table = args[i + 1]
             del args[i:i + 2]
             break
-    p = _Parser(family, filename)
+    p = _Parser(family, filename, base)
     p.lineno = 1
     p.start_table(f"*{table}")
     words = []

@@ -7,6 +7,7 @@ import ipaddress
 import random
 import struct
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import classbench as cb
@@ -16,7 +17,7 @@ from bpfilter import loader
 from bpfilter.codegen.compiler import CompiledRuleset, compile_ruleset
 from bpfilter.codegen.uapi import NfHook
 from bpfilter.grammar.iptables import parse_restore
-from bpfilter.ir.optimizer import Classifier
+from bpfilter.ir.optimizer import MAX_CLASSIFIER, Classifier
 
 DROP, ACCEPT = 0, 1
 NET4 = "198.18.{}.{}"
@@ -243,3 +244,23 @@ def test_classbench_traces_match_the_reference(shared_dir: Path, name: str) -> N
     assert got == [DROP if k is None else int(cb.verdict_of(k) == "ACCEPT") for k in want]
     hits = Counter(0 if k is None else k + 1 for k in want)
     assert {pos: n for (_, c, pos), (n, _) in counters.items() if c == "INPUT" and n} == hits
+
+
+def test_hundred_thousand_classbench_rules_load_and_decide(shared_dir: Path) -> None:
+    """acl1 10k ten times over (sources moved per copy): classifiers one after the other,
+    well inside the verifier's limits, verdicts as the reference's."""
+    base = cb.read_rules(shared_dir / "classbench" / "acl1_10k")
+    rules = [replace(r, src=(r.src[0] ^ (k << 24), r.src[1]) if r.src[1] >= 8 else r.src)
+             for k in range(11) for r in base][:100_000]
+    compiled = compile_ruleset(parse_restore(cb.restore_text(rules)), 4)
+    classifiers = [run for _, _, run, _ in compiled.lookups if isinstance(run, Classifier)]
+    assert len(classifiers) >= 100_000 // MAX_CLASSIFIER
+    rng = random.Random(7)
+    packets = [cb.CbPacket(r.src[0], r.dst[0], r.sport[1], r.dport[0], r.proto or 17)
+               for r in rng.sample(rules, 150)]
+    packets += [cb.CbPacket(rng.getrandbits(32), rng.getrandbits(32), rng.randrange(65536),
+                            rng.randrange(65536), rng.choice([6, 17, 1])) for _ in range(50)]
+    with loader.TestRunner(compiled) as runner:
+        got = [runner.run(NfHook.LOCAL_IN, cb.packet(p)) for p in packets]
+    want = [cb.first_match(rules, p) for p in packets]
+    assert got == [DROP if k is None else int(cb.verdict_of(k) == "ACCEPT") for k in want]
