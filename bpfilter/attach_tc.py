@@ -5,12 +5,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bpfilter import bpf
@@ -78,7 +75,7 @@ class TcNetlinkAttachment:
 
     def attached(self) -> bool:
         """True while the filter is still on the interface."""
-        with _iproute(self.netns) as ipr:
+        with _netns.iproute(self.netns, "TC") as ipr:
             return any(
                 f.get("handle") == self.handle and (f.get("info", 0) >> 16) == self.priority
                 for f in _filters(ipr, self.ifindex, self.direction.clsact_parent)
@@ -86,7 +83,7 @@ class TcNetlinkAttachment:
 
     def detach(self) -> None:
         """Delete the filter (and the clsact qdisc when it was ours and is now empty)."""
-        with _iproute(self.netns) as ipr:
+        with _netns.iproute(self.netns, "TC") as ipr:
             try:
                 ipr.tc(
                     "del-filter",
@@ -117,20 +114,6 @@ class TcNetlinkAttachment:
 
 
 
-@contextlib.contextmanager
-def _iproute(netns: str | None) -> Iterator[Any]:
-    """An rtnetlink handle in ``netns``; pyroute2's NetlinkError comes out as OSError."""
-    # The netlink socket belongs to the namespace it was opened in.
-    with _netns.entered(netns):
-        ipr = IPRoute()
-    try:
-        yield ipr
-    except NetlinkError as e:
-        where = f" in network namespace {netns!r}" if netns else ""
-        raise OSError(e.code, f"TC netlink request{where}: {os.strerror(e.code)}") from e
-    finally:
-        ipr.close()
-
 
 def _filters(ipr: Any, ifindex: int, parent: int) -> list[Any]:
     # The dump also lists one header entry per priority (handle 0): keep real filters only.
@@ -152,7 +135,7 @@ def attach_tc_netlink(
     index = _resolve(ifindex, netns)
     info = bpf.prog_info(prog)
     fd = prog.fd if isinstance(prog, bpf.Prog) else prog
-    with _iproute(netns) as ipr:
+    with _netns.iproute(netns, "TC") as ipr:
         created = True
         try:
             ipr.tc("add", "clsact", index)

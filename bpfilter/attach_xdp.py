@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bpfilter import bpf
@@ -64,7 +60,7 @@ class XdpNetlinkAttachment:
             ours = bpf.prog_get_fd_by_id(self.prog_id)
         except FileNotFoundError:
             return  # the program was freed, so it is attached nowhere
-        with ours, _iproute(self.netns) as ipr:
+        with ours, _netns.iproute(self.netns, "XDP") as ipr:
             try:
                 _set_xdp(ipr, self.ifindex, -1, self.mode | XdpFlag.REPLACE, expected_fd=ours.fd)
             except NetlinkError as e:
@@ -83,20 +79,6 @@ class XdpNetlinkAttachment:
 
 
 
-@contextlib.contextmanager
-def _iproute(netns: str | None) -> Iterator[Any]:
-    """An rtnetlink handle in ``netns``; pyroute2's NetlinkError comes out as OSError."""
-    # The netlink socket belongs to the namespace it was opened in.
-    with _netns.entered(netns):
-        ipr = IPRoute()
-    try:
-        yield ipr
-    except NetlinkError as e:
-        where = f" in network namespace {netns!r}" if netns else ""
-        raise OSError(e.code, f"XDP netlink request{where}: {os.strerror(e.code)}") from e
-    finally:
-        ipr.close()
-
 
 def _set_xdp(ipr: Any, ifindex: int, fd: int, flags: int, expected_fd: int | None = None) -> None:
     attrs: list[tuple[str, int]] = [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", int(flags))]
@@ -111,7 +93,7 @@ def _attached_prog_id(ifindex: int, netns: str | None, mode: XdpMode) -> int:
         XdpMode.GENERIC: "IFLA_XDP_SKB_PROG_ID",
         XdpMode.DRIVER: "IFLA_XDP_DRV_PROG_ID",
     }[mode]
-    with _iproute(netns) as ipr:
+    with _netns.iproute(netns, "XDP") as ipr:
         xdp = ipr.link("get", index=ifindex)[0].get_attr("IFLA_XDP")
     if xdp is None:
         return 0
@@ -134,7 +116,7 @@ def attach_xdp_netlink(
     flags = options.mode if options.replace else options.mode | XdpFlag.UPDATE_IF_NOEXIST
     fd = prog.fd if isinstance(prog, bpf.Prog) else prog
     try:
-        with _iproute(netns) as ipr:
+        with _netns.iproute(netns, "XDP") as ipr:
             _set_xdp(ipr, index, fd, flags)
     except OSError as e:
         if e.errno != errno.EBUSY:

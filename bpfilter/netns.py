@@ -8,6 +8,10 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add` bind-mounts named namespaces
 CLONE_NEWNET = 0x40000000  # linux/sched.h; setns(2) nstype for network namespaces
@@ -127,3 +131,19 @@ def current_name() -> str | None:
         if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
             return n
     return None
+
+
+@contextlib.contextmanager
+def iproute(netns: str | None, what: str) -> Iterator[Any]:
+    """An rtnetlink handle in ``netns``; pyroute2's NetlinkError comes out as OSError
+    naming ``what`` was being asked."""
+    # The netlink socket belongs to the namespace it was opened in.
+    with entered(netns):
+        ipr = IPRoute()
+    try:
+        yield ipr
+    except NetlinkError as e:
+        where = f" in network namespace {netns!r}" if netns else ""
+        raise OSError(e.code, f"{what} netlink request{where}: {os.strerror(e.code)}") from e
+    finally:
+        ipr.close()

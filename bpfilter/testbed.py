@@ -261,7 +261,8 @@ def netns_pair(prefix: str = "bpft", subnet: Subnet | None = None) -> Iterator[N
                 delete_all((a, b))
 
 
-def _checksum(data: bytes) -> int:
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -280,7 +281,7 @@ def _echo(
     payload = b"bpfilter-testbed"
     if family == socket.AF_INET:
         header = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq)
-        cksum = _checksum(header + payload)
+        cksum = checksum(header + payload)
         packet = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, cksum, ident, seq) + payload
     else:
         # The kernel computes the ICMPv6 checksum (it covers the pseudo-header) on raw sockets.

@@ -24,6 +24,7 @@ import ipt_oracle
 from iptgen import GenOptions, GenRule, GenRuleset, GenTable, generate
 
 from bpfilter import netns, testbed
+from bpfilter.testbed import checksum
 
 # How verdicts are observed (each fact verified on Linux 6.18 by tests/e2e/test_differential.py):
 # - INPUT: probes are sent as Ethernet frames on a veth from the sender namespace into the
@@ -100,14 +101,6 @@ WITHHELD: dict[str, str] = {
 # -- packets (pure) ----------------------------------------------------------------------------
 
 
-def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data``."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def _pseudo(family: int, src: str, dst: str, proto: int, length: int) -> bytes:

@@ -39,19 +39,13 @@ from bpfilter.codegen.uapi import (
     UpdateFlag,
     XdpAction,
 )
+from bpfilter.testbed import checksum
 
 BLOCKED = "198.18.0.1"
 ALLOWED = "198.18.0.2"
 
 
 # --- packets ---------------------------------------------------------------------------------
-
-
-def _checksum(data: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def udp_frame(src: str, dst: str = "198.19.0.1", payload: bytes = b"bpfilter") -> bytes:
@@ -62,7 +56,7 @@ def udp_frame(src: str, dst: str = "198.19.0.1", payload: bytes = b"bpfilter") -
         0x45, 0, 20 + len(udp), 1, 0, 64, socket.IPPROTO_UDP, 0,
         socket.inet_aton(src), socket.inet_aton(dst),
     )  # fmt: skip
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     eth = bytes.fromhex("020000000002020000000001") + struct.pack("!H", 0x0800)
     return eth + ip + udp
 

@@ -72,8 +72,8 @@ def test_pair_helpers():
 
 def test_checksum_known_vector():
     # ICMP echo request, id 1 seq 1, no payload: 0x0800 + 0x0001 + 0x0001 -> ~0x0802 = 0xf7fd
-    assert testbed._checksum(bytes.fromhex("0800000000010001")) == 0xF7FD
+    assert testbed.checksum(bytes.fromhex("0800000000010001")) == 0xF7FD
     # Odd length is padded with a zero byte; a packet including its checksum sums to zero.
     data = b"\x08\x00\x00\x00\x12\x34\x00\x07abc"
-    cks = testbed._checksum(data)
-    assert testbed._checksum(data[:2] + cks.to_bytes(2, "big") + data[4:]) == 0
+    cks = testbed.checksum(data)
+    assert testbed.checksum(data[:2] + cks.to_bytes(2, "big") + data[4:]) == 0
