@@ -756,9 +756,10 @@ class Map(Fd):
         if any(len(k) != ksize for k, _ in items):
             raise ValueError(f"map {self.spec.name}: every key must be {ksize} bytes")
         keys = b"".join([k for k, _ in items])
-        blob = [v if self.percpu else self._check_value(v) for _, v in items]
-        if any(len(v) != self.value_stride for v in blob):
-            raise ValueError(f"map {self.spec.name}: every value must be {self.value_stride} bytes")
+        blob = [v for _, v in items]
+        stride = self.value_stride
+        if any(len(v) != stride for v in blob):
+            raise ValueError(f"map {self.spec.name}: every value must be {stride} bytes")
         kbuf = ctypes.create_string_buffer(keys, len(keys))
         values = b"".join(blob)
         vbuf = ctypes.create_string_buffer(values, len(values))

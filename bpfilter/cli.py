@@ -38,12 +38,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return rc
 
 
-def _not_yet(tool: str) -> int:
-    # Declared now so packaging is stable; the drop-in tools arrive with the restore issue.
-    print(f"{tool}: not implemented in bpfilter {__version__} yet", file=sys.stderr)
-    return 1
-
-
 def restore_main() -> int:
     from bpfilter import restore
 
@@ -69,11 +63,15 @@ def save6_main() -> int:
 
 
 def iptables_main() -> int:
-    return _not_yet("bpfilter-iptables")
+    from bpfilter import iptables_cmd
+
+    return iptables_cmd.main(sys.argv[1:], 4)
 
 
 def ip6tables_main() -> int:
-    return _not_yet("bpfilter-ip6tables")
+    from bpfilter import iptables_cmd
+
+    return iptables_cmd.main(sys.argv[1:], 6)
 
 
 if __name__ == "__main__":

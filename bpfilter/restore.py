@@ -311,9 +311,11 @@ def _unsupported(table: Table) -> str:
             "system's iptables-restore (--delegate) is not implemented yet")
 
 
-def restore_table(table: Table, opts: RestoreOptions) -> TableResult:
+def restore_table(table: Table, opts: RestoreOptions,
+                  live: state.LiveTable | None = None) -> TableResult:
     """Compile, load and (unless --test) switch in one table. Raises CompileError, LoadError
-    or bpf.BpfError; on any error the table in force stays as it was."""
+    or bpf.BpfError; on any error the table in force stays as it was. ``live`` is the table
+    in force when the caller has read it already (--noflush carries its counters over)."""
     family = opts.family
     rules = sum(len(c.rules) for c in table.chains)
     compiled = compile_ruleset(Ruleset((table,)), family)
@@ -324,7 +326,7 @@ def restore_table(table: Table, opts: RestoreOptions) -> TableResult:
         key = TableKey(family, table.name)
         carry: dict[CounterKey, tuple[int, int]] = {}
         if opts.noflush:
-            old = state.live_table(key, opts.netns)
+            old = live if live is not None else state.live_table(key, opts.netns)
             if old is not None:
                 carry = state.carried_counters(old.table, table, old.counters())
         if opts.counters:

@@ -44,7 +44,7 @@ from bpfilter.codegen.insn import CALL, EXIT, R0, R1, R2, R7, Insn
 from bpfilter.codegen.matchers import HEADER, MATCHERS, Emitter, header_fields
 from bpfilter.codegen.opcodes import CLASS_MASK, OP_MASK, Class, JmpOp, PseudoCall
 from bpfilter.codegen.spec import MapSpec
-from bpfilter.codegen.uapi import MapType, NfHook, NfPriority, NfProto, NfVerdict
+from bpfilter.codegen.uapi import MAX_USED_MAPS, MapType, NfHook, NfPriority, NfProto, NfVerdict
 from bpfilter.ir.model import Chain, Family, Match, Ruleset, Table, TargetKind
 from bpfilter.ir.model import Rule as IrRule
 from bpfilter.ir.optimizer import (
@@ -54,6 +54,7 @@ from bpfilter.ir.optimizer import (
     Classifier,
     Run,
     plan,
+    rest_matches,
 )
 
 COUNTERS = "counters"  # the counter map's name (and the symbol code refers to it by)
@@ -223,6 +224,7 @@ def _compile(ruleset: Ruleset, family: int, lookups: _Lookups) -> CompiledRulese
             index.add(table.name, chain)
     programs = []
     lookups.numbering = numbering
+    lookups.choose(tables)
     for table in tables:
         for chain in table.chains:
             if not chain.is_base:
@@ -254,19 +256,35 @@ class _Lookups:
     min_classifier: int
     max_classifier: int
     numbering: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    chosen: dict[tuple[str, str], list[Run | Classifier]] = field(default_factory=dict)
     segments: dict[tuple[str, str], list[Segment]] = field(default_factory=dict)
     names: dict[tuple[str, str, int], str] = field(default_factory=dict)
     specs: list[MapSpec] = field(default_factory=list)
     contents: dict[str, tuple[tuple[bytes, bytes], ...]] = field(default_factory=dict)
     made: list[tuple[str, str, Run | Classifier, str]] = field(default_factory=list)
 
+    def choose(self, tables: Sequence[Table]) -> None:
+        """Plan every chain; when the runs need more maps than a program may use, keep the
+        ones deciding the most rules and leave the others linear."""
+        self.chosen = {}
+        if not self.optimize:
+            return
+        planned = [(t.name, c.name, run) for t in tables for c in t.chains
+                   for run in plan(c.rules, self.family, self.min_run, self.min_classifier,
+                                   self.max_classifier)]
+        budget = MAX_USED_MAPS - 1  # the counters take one
+        for t, c, run in sorted(planned, key=lambda x: -len(x[2].rules)):
+            cost = 1 if isinstance(run, Run) else len(lookup.CLASSIFIER_MAPS)
+            if cost <= budget:
+                budget -= cost
+                self.chosen.setdefault((t, c), []).append(run)
+
     def segments_of(self, table: str, chain: Chain) -> list[Segment]:
         """The chain cut into single rules and runs, in order."""
         key = (table, chain.name)
         segs = self.segments.get(key)
         if segs is None:
-            runs = (plan(chain.rules, self.family, self.min_run, self.min_classifier,
-                         self.max_classifier) if self.optimize else [])
+            runs = sorted(self.chosen.get(key, []), key=lambda r: r.start)
             segs = []
             pos = 0
             for run in runs:
@@ -304,7 +322,7 @@ def _check_chain(table: Table, chain: Chain, family: int) -> None:
                            "not supported")
     checked: set[int] = set()  # ids of match tuples and targets already found fine
     for rule in chain.rules:
-        if _special_header(rule):
+        if rule.iif is not None or rule.oif is not None or rule.fragment is not None:
             for name in header_fields(rule):
                 why = HEADER[name].refusal(_NO_MATCH, family)
                 if why is not None:
@@ -337,16 +355,12 @@ def _check_chain(table: Table, chain: Chain, family: int) -> None:
 _NO_MATCH = Match("")  # header fields have no options to check
 
 # -s, -d and -p compile everywhere and need nothing from the prologue, so only rules with
-# other header fields are looked at field by field (a 100,000-rule blocklist is checked
+# other header fields (-i, -o, -f) are looked at field by field (a 100,000-rule blocklist is checked
 # in a few milliseconds).
 _PLAIN_HEADER = ("-s", "-d", "-p")
 assert all(HEADER[n].needs == nf.Needs() and HEADER[n].check is None
            and HEADER[n].families == frozenset({4, 6}) and HEADER[n].hooks == frozenset(NfHook)
            for n in _PLAIN_HEADER)
-
-
-def _special_header(rule: IrRule) -> bool:
-    return rule.iif is not None or rule.oif is not None or rule.fragment is not None
 
 
 @dataclass(slots=True)
@@ -517,8 +531,10 @@ class _Program:
                     lookup.emit_lookup(em, run, name)
                 else:
                     HEADER[f].emit(em, rep, None)
-            for m in rep.matches:
+            for m in rest_matches(rep, run.field):
                 MATCHERS[m.kind].emit(em, rep, m)
+            if run.field.is_port:
+                lookup.emit_lookup(em, run, name)
         em.emit(asm.mov64(R1, lookup.INDEX_REG), asm.mov64(R2, R7), asm.call_local(COUNT_FUNC))
         last = len(run.actions) - 1
         for a, target in enumerate(run.actions):
@@ -604,7 +620,7 @@ def _needs(rules: Iterator[IrRule]) -> nf.Needs:
     needs = nf.Needs()
     seen: set[int] = set()  # ids of match tuples (interned by the parser)
     for rule in rules:
-        if _special_header(rule):
+        if rule.iif is not None or rule.oif is not None or rule.fragment is not None:
             for name in header_fields(rule):
                 needs |= HEADER[name].needs
         if id(rule.matches) in seen:

@@ -1,8 +1,9 @@
 """Code and map contents for optimizer runs: map lookups that pick a run's first match.
 
-The lookup's map maps a key built from the meta area to ``struct { u32 counter index; u32
+A run's map maps a key built from the meta area to ``struct { u32 counter index; u32
 action; }``: the counter of the first rule of the run that matches, and the index of its
-target in the run's actions. A miss falls through to the rule after the run.
+target in the run's actions. A miss falls through to the rule after the run. A bit-vector
+classifier uses eight maps (``classifier_maps``) and ends the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from bpfilter.codegen.insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9
 from bpfilter.codegen.matchers import TCP_HEADER, UDP_HEADER, Emitter
 from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import MapSpec
-from bpfilter.codegen.uapi import MapFlag, MapType
+from bpfilter.codegen.uapi import IFNAMSIZ, MapFlag, MapType
 from bpfilter.ir.optimizer import (
     HOTDROP,
     NOMATCH,
@@ -43,7 +44,9 @@ _ADDR = {KeyField.SRC: (12, 8), KeyField.DST: (16, 24)}
 
 def key_size(run: Run) -> int:
     """Bytes of the run's map key: u32 prefix length + address (a trie), an address (full
-    length prefixes: a hash), or a u32 protocol."""
+    length prefixes: a hash), or a u32 protocol or port (host order)."""
+    if run.field.is_interface:
+        return IFNAMSIZ
     if not run.field.is_prefix:
         return 4
     return run.bits // 8 + (0 if run.exact else 4)
@@ -62,6 +65,9 @@ def map_contents(run: Run, first_index: int) -> tuple[tuple[bytes, bytes], ...]:
     first rule of the run (rules of a chain have consecutive counter indices)."""
     pack = VALUE.pack
     acts = run.action_of
+    if run.field.is_interface:
+        return tuple((key.to_bytes(IFNAMSIZ, "big"), pack(first_index + k, acts[k]))
+                     for key, _, k in run.entries)
     if not run.field.is_prefix:
         return tuple((struct.pack("<I", key), pack(first_index + k, acts[k]))
                      for key, _, k in run.entries)
@@ -77,7 +83,22 @@ def map_contents(run: Run, first_index: int) -> tuple[tuple[bytes, bytes], ...]:
 def emit_lookup(em: Emitter, run: Run, map_name: str) -> None:
     """Look the packet's key up; on a miss jump to ``em.fail``, on a hit leave the counter
     index in INDEX_REG and the action number in ACTION_REG (both callee-saved)."""
-    if run.field is KeyField.PROTO:
+    if run.field.is_interface:
+        # The name up to its NUL, zero-padded: bytes after the NUL may be left over from an
+        # older, longer name, and iptables never compares them.
+        base = nf.IN_NAME if run.field is KeyField.IIF else nf.OUT_NAME
+        done = em.label("name")
+        em.emit(asm.st(Size.DW, FP, KEY_SLOT, 0), asm.st(Size.DW, FP, KEY_SLOT + 8, 0))
+        for i in range(IFNAMSIZ - 1):
+            em.emit(asm.ldx(Size.B, R1, R7, base + i), asm.jmp("jeq", R1, 0, done),
+                    asm.stx(Size.B, FP, KEY_SLOT + i, R1))
+        em.emit(Label(done))
+    elif run.field.is_port:
+        # After the rest of the tcp/udp match: a later fragment or a short header has
+        # already failed or hot-dropped.
+        em.emit(asm.ldx(Size.H, R1, R7, nf.L4 + (0 if run.field is KeyField.SPORT else 2)),
+                asm.to_be(R1, 16), asm.stx(Size.W, FP, KEY_SLOT, R1))
+    elif run.field is KeyField.PROTO:
         if em.family == 6:
             # As emit_proto: an unparsable IPv6 header chain hot-drops a rule with -p.
             em.emit(asm.ldx(Size.W, R1, R7, nf.PROTO_ERROR), asm.jmp("jne", R1, 0, em.hot()))

@@ -322,6 +322,7 @@ class NfPriority(enum.IntEnum):
 NETFILTER_IP_DEFRAG = 1  # BPF_F_NETFILTER_IP_DEFRAG: link flag asking for defragmented packets
 
 BPF_OBJ_NAME_LEN = 16  # prog_name / map_name include the terminating NUL
+MAX_USED_MAPS = 64  # include/linux/bpf_verifier.h: distinct maps one program may reference
 
 
 class AttachFlag(enum.IntFlag):

@@ -1,21 +1,24 @@
-"""Find runs of rules that one map lookup can decide, keeping iptables' first-match order exact.
+"""Find runs of rules that map lookups can decide, keeping iptables' first-match order exact.
 
 A *run* is a stretch of consecutive rules of one chain that are equal except for one *key
-field* (source prefix, destination prefix or protocol) and a terminal target. Because the
-other tests are identical for every rule of the run, a packet matches the run exactly when
-those tests hold and some rule's key matches; the rule iptables picks is then the
-lowest-numbered rule whose key matches, and a table that maps each key to that rule decides
-the whole run with one lookup:
+field* (source prefix, destination prefix, protocol, or one port of a tcp/udp match) and a
+terminal target. Because the other tests are identical for every rule of the run, a packet
+matches the run exactly when those tests hold and some rule's key matches; the rule iptables
+picks is then the lowest-numbered rule whose key matches, and a table that maps each key to
+that rule decides the whole run with one lookup:
 
 - prefixes go into a longest-prefix-match table holding, for each prefix of the run, the
   first rule whose prefix *contains* it. The rules whose prefix contains an address are
   exactly the ancestors of the longest stored prefix that contains it (every rule prefix is
   stored), so the longest match answers the first rule of the run that matches;
-- exact keys (protocols) go into a hash table holding the first rule with that key.
+- exact keys (protocols, ports, full-length prefixes) go into a hash table holding the
+  first rule with that key.
 
 Targets must be terminal (ACCEPT, DROP, RETURN, goto): a rule whose target may let the
 packet continue (no target, a jump) could be followed by another matching rule of the same
-run. Negated key fields, non-contiguous masks and anything else stay linear.
+run. Negated key fields, non-contiguous masks and anything else stay linear. Stretches of
+rules that differ in several fields (addresses, protocol, port ranges: ClassBench) become
+bit-vector classifiers instead (``Classifier``, below); ``plan`` chooses for a chain.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from bpfilter.ir.model import PortRange, Prefix, Rule, Target, TargetKind
+from bpfilter.codegen.uapi import IFNAMSIZ
+from bpfilter.ir.model import Match, PortRange, Prefix, Rule, Target, TargetKind
 
 MIN_RUN = 4  # shorter runs stay linear: a lookup costs about as much as a few tests
 MAX_ACTIONS = 8  # distinct targets a run may mix (the code dispatches on the action number)
@@ -33,15 +37,63 @@ _TERMINAL_VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN"})
 
 
 class KeyField(enum.Enum):
-    """The rule field a lookup replaces; the value is the rule header option's spelling."""
+    """The rule field a lookup replaces; the value is the option's spelling (header field,
+    or a single port of the rule's tcp/udp match)."""
 
     SRC = "-s"
     DST = "-d"
+    IIF = "-i"
+    OIF = "-o"
     PROTO = "-p"
+    SPORT = "--sport"
+    DPORT = "--dport"
 
     @property
     def is_prefix(self) -> bool:
-        return self is not KeyField.PROTO
+        return self in (KeyField.SRC, KeyField.DST)
+
+    @property
+    def is_port(self) -> bool:
+        return self in (KeyField.SPORT, KeyField.DPORT)
+
+    @property
+    def is_interface(self) -> bool:
+        return self in (KeyField.IIF, KeyField.OIF)
+
+
+def interface_key(name: str | None, negated: bool) -> int | None:
+    """An exact interface name as a number (its NUL-padded 16 bytes, big-endian); None for
+    no name, a negated one or a ``+`` wildcard (those stay linear)."""
+    if name is None or negated or name.endswith("+"):
+        return None
+    raw = name.encode()
+    if len(raw) >= IFNAMSIZ:
+        return None
+    return int.from_bytes(raw.ljust(IFNAMSIZ, b"\0"), "big")
+
+
+_PORT_MATCHES = frozenset({"tcp", "udp"})
+
+
+def port_key(rule: Rule, field: KeyField) -> int | None:
+    """The single port the rule's tcp/udp match requires for ``field``, if it is one."""
+    for m in rule.matches:
+        if m.kind in _PORT_MATCHES:
+            o = m.get(field.value)
+            if o is None or o.negated:
+                return None
+            r = o.value
+            return r.lo if isinstance(r, PortRange) and r.lo == r.hi else None
+    return None
+
+
+def rest_matches(rule: Rule, field: KeyField) -> tuple[Match, ...]:
+    """The rule's matches without the port option ``field`` (the match itself stays: its
+    fragment and header-length tests still apply)."""
+    if not field.is_port:
+        return rule.matches
+    return tuple(Match(m.kind, tuple(o for o in m.options if o.name != field.value))
+                 if m.kind in _PORT_MATCHES else m for m in rule.matches)
 
 
 @dataclass(frozen=True)  # no slots: ``exact`` is computed once, on first use
@@ -164,6 +216,18 @@ def _shapes(rules: Sequence[Rule]) -> dict[KeyField, list[tuple[object, ...] | N
         if r.proto and not r.proto_neg:
             proto[i] = (r.src, r.src_neg, r.dst, r.dst_neg, r.iif, r.iif_neg, r.oif,
                         r.oif_neg, None, r.fragment, r.matches)
+        if interface_key(r.iif, r.iif_neg) is not None:
+            out[KeyField.IIF][i] = (r.src, r.src_neg, r.dst, r.dst_neg, None, r.oif,
+                                    r.oif_neg, r.proto, r.proto_neg, r.fragment, r.matches)
+        if interface_key(r.oif, r.oif_neg) is not None:
+            out[KeyField.OIF][i] = (r.src, r.src_neg, r.dst, r.dst_neg, r.iif, r.iif_neg,
+                                    None, r.proto, r.proto_neg, r.fragment, r.matches)
+        if r.matches:
+            for f in (KeyField.SPORT, KeyField.DPORT):
+                if port_key(r, f) is not None:
+                    out[f][i] = (r.src, r.src_neg, r.dst, r.dst_neg, r.iif, r.iif_neg, r.oif,
+                                 r.oif_neg, r.proto, r.proto_neg, r.fragment,
+                                 rest_matches(r, f))
     return out
 
 
@@ -208,12 +272,20 @@ def build_run(rules: Sequence[Rule], field: KeyField, start: int = 0) -> Run:
     for r in rules:
         assert r.target is not None
         action_of.append(actions.number(r.target))
-    if field is KeyField.PROTO:
+    if not field.is_prefix:
         first: dict[int, int] = {}
         for k, r in enumerate(rules):
-            assert r.proto is not None
-            first.setdefault(r.proto, k)
-        entries = tuple((proto, 0, k) for proto, k in first.items())
+            if field is KeyField.PROTO:
+                key = r.proto
+            elif field is KeyField.IIF:
+                key = interface_key(r.iif, r.iif_neg)
+            elif field is KeyField.OIF:
+                key = interface_key(r.oif, r.oif_neg)
+            else:
+                key = port_key(r, field)
+            assert key is not None
+            first.setdefault(key, k)
+        entries = tuple((key, 0, k) for key, k in first.items())
         return Run(field, start, tuple(rules), tuple(actions.targets), tuple(action_of),
                    entries)
     prefixes = [r.src for r in rules] if field is KeyField.SRC else [r.dst for r in rules]
@@ -229,24 +301,28 @@ def first_containing(prefixes: Sequence[Prefix], bits: int) -> tuple[tuple[int, 
     Only the prefix lengths present are probed, so a blocklist of /32s costs one dictionary
     probe per rule.
     """
-    full = (1 << bits) - 1
-    exact: dict[tuple[int, int], int] = {}  # (length, addr) -> first rule with that prefix
+    by_mask: dict[int, dict[int, int]] = {}  # mask -> addr -> first rule with that prefix
     for k, p in enumerate(prefixes):
-        n = prefix_length(p)
+        firsts = by_mask.get(p.mask)
+        if firsts is None:
+            firsts = by_mask[p.mask] = {}
+        if p.addr not in firsts:
+            firsts[p.addr] = k
+    lengths = sorted((prefix_length(Prefix(0, mask, bits)), mask) for mask in by_mask)
+    out: list[tuple[int, int, int]] = []
+    for i, (n, mask) in enumerate(lengths):
         assert n is not None
-        exact.setdefault((n, p.addr), k)
-    lengths = sorted({n for n, _ in exact})
-    masks = {n: (full << (bits - n)) & full for n in lengths}
-    out = []
-    for (n, addr), k in exact.items():
-        best = k
-        for m in lengths:
-            if m >= n:
-                break
-            j = exact.get((m, addr & masks[m]))
-            if j is not None and j < best:
-                best = j
-        out.append((addr, n, best))
+        shorter = [(m, by_mask[m]) for _, m in lengths[:i]]
+        if not shorter:  # the shortest length present (the only one in a host blocklist)
+            out.extend((addr, n, k) for addr, k in by_mask[mask].items())
+            continue
+        for addr, k in by_mask[mask].items():
+            best = k
+            for m, firsts in shorter:
+                j = firsts.get(addr & m)
+                if j is not None and j < best:
+                    best = j
+            out.append((addr, n, best))
     return tuple(out)
 
 
@@ -358,21 +434,57 @@ def _ports(rule: Rule) -> tuple[PortRange, PortRange] | None:
 
 def classifiable(rule: Rule) -> bool:
     """True for a rule of ClassBench shape with a terminal target (IPv4 only)."""
-    if (rule.src_neg or rule.dst_neg or rule.proto_neg or rule.iif is not None
-            or rule.oif is not None or rule.fragment is not None or not terminal(rule.target)):
-        return False
-    for p in (rule.src, rule.dst):
-        if p is not None and (p.bits != 32 or prefix_length(p) is None):
+    return _Classifiable()(rule)
+
+
+class _Classifiable:
+    """``classifiable`` for many rules: targets, match tuples and masks are shared between
+    rules (the parser interns them), so each is judged once."""
+
+    def __init__(self) -> None:
+        self._targets: dict[int, bool] = {}
+        self._masks: dict[int, bool] = {}
+        self._matches: dict[int, int | None] = {}  # id -> protocol the match needs (0: none)
+
+    def _prefix_ok(self, p: Prefix | None) -> bool:
+        if p is None:
+            return True
+        if p.bits != 32:
             return False
-    if not rule.matches:
-        return True
-    if len(rule.matches) != 1:
-        return False
-    (m,) = rule.matches
+        ok = self._masks.get(p.mask)
+        if ok is None:
+            ok = self._masks[p.mask] = prefix_length(p) is not None
+        return ok
+
+    def __call__(self, rule: Rule) -> bool:
+        if (rule.src_neg or rule.dst_neg or rule.proto_neg or rule.iif is not None
+                or rule.oif is not None or rule.fragment is not None):
+            return False
+        t = self._targets.get(id(rule.target))
+        if t is None:
+            t = self._targets[id(rule.target)] = terminal(rule.target)
+        if not t or not self._prefix_ok(rule.src) or not self._prefix_ok(rule.dst):
+            return False
+        key = id(rule.matches)
+        if key in self._matches:
+            want = self._matches[key]
+        else:
+            want = self._matches[key] = _match_protocol(rule.matches)
+        return want == 0 or (want is not None and rule.proto == want)
+
+
+def _match_protocol(matches: tuple[Match, ...]) -> int | None:
+    """0 for no matches, the protocol for one tcp/udp match testing only ports, else None."""
+    if not matches:
+        return 0
+    if len(matches) != 1:
+        return None
+    (m,) = matches
     want = {"tcp": 6, "udp": 17}.get(m.kind)
-    if want is None or rule.proto != want:
-        return False
-    return all(o.name in ("--sport", "--dport") and not o.negated for o in m.options)
+    if want is None or not all(o.name in ("--sport", "--dport") and not o.negated
+                               for o in m.options):
+        return None
+    return want
 
 
 def _prefix_bitmaps(prefixes: Sequence[Prefix | None]) -> tuple[tuple[int, int, int], ...]:
@@ -439,19 +551,23 @@ Segment = Run | Classifier
 def plan(rules: Sequence[Rule], family: int = 4, min_run: int = MIN_RUN,
          min_classifier: int = MIN_CLASSIFIER,
          max_classifier: int = MAX_CLASSIFIER) -> list[Segment]:
-    """Runs and classifiers for a chain, left to right, not overlapping. A stretch of
-    classifiable rules that one single-field run covers whole stays that run; others become
-    classifiers of at most ``max_classifier`` rules."""
+    """Runs and classifiers for a chain, left to right, not overlapping. A chain or a
+    stretch of classifiable rules that one single-field run covers whole stays that run;
+    other stretches become classifiers of at most ``max_classifier`` rules."""
+    whole = find_runs(rules, min_run)
+    if len(whole) == 1 and whole[0].start == 0 and whole[0].stop == len(rules):
+        return list(whole)  # one lookup decides the whole chain (a blocklist)
     out: list[Segment] = []
     n = len(rules)
     i = 0
     pending = 0  # rules before i not yet handed to find_runs
+    fits = _Classifiable()
     while i < n:
-        if family != 4 or not classifiable(rules[i]):
+        if family != 4 or not fits(rules[i]):
             i += 1
             continue
         j = i
-        while j < n and classifiable(rules[j]):
+        while j < n and fits(rules[j]):
             j += 1
         if j - i >= min_classifier:
             runs = find_runs(rules[i:j], min_run)

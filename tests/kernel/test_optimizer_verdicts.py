@@ -43,22 +43,36 @@ def _prefix(rng: random.Random, family: int, full: bool = False) -> str:
 def _run(rng: random.Random, family: int, chain: str, user: bool) -> list[str]:
     """A run the optimizer should take (same shape, one key field varying), sometimes with
     extra shared tests that can hot-drop (tcp) or fail."""
-    field = rng.choice(["-s", "-d", "-p"])
+    field = rng.choice(["-s", "-d", "-p", "--sport", "--dport", "-i"])
     other = "-s" if field == "-d" else "-d"
     shared = rng.choice(["", "-p tcp -m tcp --dport 22", "-p udp",
                          f"! {other} {_prefix(rng, family)}", "-m length --length 0:100"])
     if field == "-p":
         shared = rng.choice(["", "-s " + _prefix(rng, family)])
+    if field.startswith("--"):
+        # One port of a tcp/udp match varies; the match's other tests are shared.
+        other_port = "--dport 22:80" if field == "--sport" else "--sport 1000:2000"
+        shared = rng.choice(["-p tcp -m tcp", "-p udp -m udp", f"-p tcp -m tcp {other_port}",
+                             f"-s {_prefix(rng, family)} -p udp -m udp"])
     targets = list(VERDICTS if user or rng.random() < 0.5 else VERDICTS[:2])
     if chain == "SUB" and rng.random() < 0.3:
         targets.append("-g LEAF")
     out = []
     hosts = rng.random() < 0.3  # only full-length prefixes: a hash table instead of a trie
     for _ in range(rng.randrange(4, 14)):
-        key = (_prefix(rng, family, hosts) if field != "-p"
-               else str(rng.choice([6, 17, 47, 50, 58 if family == 6 else 1])))
         t = rng.choice(targets)
-        out.append(f"-A {chain} {field} {key} {shared} {t if t.startswith('-g') else '-j ' + t}")
+        action = t if t.startswith("-g") else "-j " + t
+        if field.startswith("--"):
+            port = rng.choice([7, 22, 53, 80, 1500, 40000])
+            out.append(f"-A {chain} {shared} {field} {port} {action}")
+            continue
+        if field == "-i":  # test runs see the loopback device "lo"
+            key = rng.choice(["lo", "lo0", "l", "eth0", "veth-1"])
+        elif field == "-p":
+            key = str(rng.choice([6, 17, 47, 50, 58 if family == 6 else 1]))
+        else:
+            key = _prefix(rng, family, hosts)
+        out.append(f"-A {chain} {field} {key} {shared} {action}")
     return out
 
 
@@ -264,3 +278,46 @@ def test_hundred_thousand_classbench_rules_load_and_decide(shared_dir: Path) -> 
         got = [runner.run(NfHook.LOCAL_IN, cb.packet(p)) for p in packets]
     want = [cb.first_match(rules, p) for p in packets]
     assert got == [DROP if k is None else int(cb.verdict_of(k) == "ACCEPT") for k in want]
+
+
+def test_more_runs_than_a_program_may_use_maps() -> None:
+    """80 runs: 63 become lookups (the kernel's limit is 64 maps per program), the rest stay
+    linear; it loads and agrees with the linear program."""
+    rules = []
+    for g in range(80):
+        rules += [f"-A INPUT -s 198.18.{g}.{i} -j {'DROP' if i % 2 else 'ACCEPT'}"
+                  for i in range(4 + g % 5)]
+        rules.append(f"-A INPUT -d 198.19.{g}.0/24")
+    text = "\n".join(["*filter", ":INPUT DROP [0:0]", ":FORWARD ACCEPT [0:0]",
+                      ":OUTPUT ACCEPT [0:0]", *rules, "COMMIT", ""])
+    ruleset = parse_restore(text)
+    optimized = compile_ruleset(ruleset, 4)
+    assert len(optimized.lookups) == 63
+    rng = random.Random(5)
+    packets = [cb.packet(cb.CbPacket(0xC6120000 | rng.randrange(80) << 8 | rng.randrange(10),
+                                     0xC6130000 | rng.randrange(90) << 8, 1, 2, 17))
+               for _ in range(200)]
+    got = _verdicts(optimized, packets)
+    want = _verdicts(compile_ruleset(ruleset, 4, optimize=False), packets)
+    assert got == want
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_interface_runs_at_forward(family: int) -> None:
+    """-i and -o runs where a test run sees both devices (loopback)."""
+    names = ["eth0", "lo0", "l", "lo", "lo", "veth-1", "lo-x"]
+    rules = [f"-A FORWARD -i {n} -j {'ACCEPT' if k % 2 else 'DROP'}" for k, n in enumerate(names)]
+    rules += [f"-A FORWARD -o {n} -j {'ACCEPT' if k % 3 else 'DROP'}"
+              for k, n in enumerate(reversed(names))]
+    text = "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD DROP [0:0]",
+                      ":OUTPUT ACCEPT [0:0]", *rules, "COMMIT", ""])
+    ruleset = parse_restore(text, family=family)
+    optimized = compile_ruleset(ruleset, family)
+    assert sorted(run.field.value for _, _, run, _ in optimized.lookups) == ["-i", "-o"]
+    packet = random_packet(random.Random(3), family)
+    results = []
+    for compiled in (optimized, compile_ruleset(ruleset, family, optimize=False)):
+        with loader.TestRunner(compiled) as runner:
+            results.append((runner.run(NfHook.FORWARD, packet), runner.counters()))
+    assert results[0] == results[1]
+    assert results[0][1][("filter", "FORWARD", 4)][0] == 1  # the first "-i lo" rule

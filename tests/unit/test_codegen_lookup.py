@@ -12,7 +12,7 @@ from bpfilter.codegen.asm import Label
 from bpfilter.codegen.compiler import compile_ruleset
 from bpfilter.codegen.insn import Insn
 from bpfilter.codegen.matchers import Emitter
-from bpfilter.codegen.uapi import MapFlag, MapType
+from bpfilter.codegen.uapi import MAX_USED_MAPS, MapFlag, MapType
 from bpfilter.grammar.iptables import parse_restore
 from bpfilter.ir.model import Match, Option, PortRange, Prefix, Rule, Target, TargetKind
 from bpfilter.ir.optimizer import Classifier, KeyField, build_classifier, build_run
@@ -177,3 +177,52 @@ def test_emit_classifier_scans_every_word_once() -> None:
     # The word loop: one 64-bit load per word and per field (offsets 0 and 8 here).
     dw_loads = [i.off for i in insns if i.opcode == 0x79 and i.off in (0, 8) and i.src != 10]
     assert sorted(dw_loads) == [0] * 5 + [8] * 5
+
+
+def test_port_run_looks_the_port_up_after_the_rest_of_the_match() -> None:
+    text = _ruleset([f"-A INPUT -p udp -m udp --sport 53 --dport {p} -j DROP"
+                     for p in (1, 2, 3, 4, 5)])
+    compiled = compile_ruleset(parse_restore(text), 4)
+    ((_, _, run, name),) = compiled.lookups
+    assert run.field is KeyField.DPORT
+    spec = next(m for m in compiled.maps if m.name == name)
+    assert (spec.type, spec.key_size, spec.max_entries) == (MapType.HASH, 4, 5)
+    (program,) = compiled.programs
+    insns = [it for it in program.items if isinstance(it, Insn)]
+    lookup_at = next(i for i, it in enumerate(insns) if it.ref == name)
+    # The shared --sport 53 test (a compare with 53) comes before the lookup.
+    assert any(it.imm == 53 for it in insns[:lookup_at])
+    assert not any(it.imm == 53 for it in insns[lookup_at:])
+
+
+def _many_runs(groups: int) -> str:
+    rules = []
+    for g in range(groups):
+        size = 4 + g % 5  # runs of 4..8 rules, separated by a counting rule
+        rules += [f"-A INPUT -s 198.18.{g}.{i} -j DROP" for i in range(size)]
+        rules.append(f"-A INPUT -d 198.19.{g}.0/24")
+    return _ruleset(rules)
+
+
+def test_runs_beyond_the_map_limit_stay_linear_largest_kept() -> None:
+    compiled = compile_ruleset(parse_restore(_many_runs(80)), 4)
+    sizes = sorted(len(run.rules) for _, _, run, _ in compiled.lookups)
+    assert len(compiled.maps) == MAX_USED_MAPS  # counters + 63 lookups
+    assert len(sizes) == MAX_USED_MAPS - 1
+    # 16 runs of each size 4..8: the 63 largest are the 16 of 8, 7 and 6 rules and 15 of 5.
+    assert sizes == [5] * 15 + [6] * 16 + [7] * 16 + [8] * 16
+
+
+def test_interface_run_keys_are_nul_padded_names() -> None:
+    text = _ruleset([f"-A INPUT -i {n} -j DROP" for n in ("eth0", "lo", "wg0", "br-lan")])
+    compiled = compile_ruleset(parse_restore(text), 4)
+    ((_, _, run, name),) = compiled.lookups
+    assert run.field is KeyField.IIF
+    spec = next(m for m in compiled.maps if m.name == name)
+    assert (spec.type, spec.key_size, spec.max_entries) == (MapType.HASH, 16, 4)
+    assert compiled.contents[name][1] == (b"lo" + bytes(14), struct.pack("<II", 2, 0))
+    assert compiled.needs_conntrack is False and compiled.programs[0].needs.devices
+    em = Emitter(4, "r", "r:fail", "r:hot")
+    lookup.emit_lookup(em, run, name)
+    byte_loads = [it for it in em.items if isinstance(it, Insn) and it.opcode == 0x71]
+    assert len(byte_loads) == 15  # the 16th byte of a name is always its NUL

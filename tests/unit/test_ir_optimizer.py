@@ -18,7 +18,10 @@ from bpfilter.ir.optimizer import (
     explain,
     find_runs,
     first_containing,
+    interface_key,
     plan,
+    port_key,
+    rest_matches,
 )
 
 ACCEPT = Target(TargetKind.VERDICT, "ACCEPT")
@@ -269,3 +272,46 @@ def test_plan_prefers_one_single_field_run_and_cuts_classifiers() -> None:
     segs = plan(many[:250], max_classifier=100, min_run=1000)
     assert [(s.start, s.stop) for s in segs] == [(0, 100), (100, 200)]
     assert all(isinstance(s, Run) for s in plan(mixed, min_classifier=100))
+
+
+def _tcp(**ports: PortRange) -> Match:
+    return Match("tcp", tuple(Option(f"--{k}", v) for k, v in ports.items()))
+
+
+def test_port_runs_keep_the_rest_of_the_match() -> None:
+    rules = [Rule(proto=6, matches=(_tcp(sport=PortRange(1000, 2000), dport=PortRange(p, p)),),
+                  target=DROP if p % 2 else ACCEPT) for p in (22, 80, 443, 22, 8080)]
+    (run,) = find_runs(rules)
+    assert run.field is KeyField.DPORT and not run.field.is_prefix and run.exact
+    assert sorted(run.entries) == [(22, 0, 0), (80, 0, 1), (443, 0, 2), (8080, 0, 4)]
+    assert run.first_match(443) == 2 and run.first_match(23) is None
+    assert rest_matches(rules[0], KeyField.DPORT) == (_tcp(sport=PortRange(1000, 2000)),)
+    assert rest_matches(rules[0], KeyField.SRC) == rules[0].matches
+
+
+def test_port_ranges_and_negated_ports_stay_linear() -> None:
+    ranges = [Rule(proto=6, matches=(_tcp(dport=PortRange(p, p + 1)),), target=DROP)
+              for p in range(8)]
+    negated = [Rule(proto=6, matches=(Match("tcp", (Option("--dport", PortRange(p, p),
+                                                           negated=True),)),), target=DROP)
+               for p in range(8)]
+    assert find_runs(ranges) == [] and find_runs(negated) == []
+    assert port_key(ranges[0], KeyField.DPORT) is None
+    assert port_key(Rule(proto=6, matches=(_tcp(sport=PortRange(5, 5)),)), KeyField.SPORT) == 5
+
+
+def test_interface_runs_use_exact_names_only() -> None:
+    names = ["eth0", "lo", "eth1", "lo", "veth-a"]
+    rules = [Rule(iif=n, target=DROP if k % 2 else ACCEPT) for k, n in enumerate(names)]
+    (run,) = find_runs(rules)
+    assert run.field is KeyField.IIF and run.exact
+    key = interface_key("lo", False)
+    assert key == int.from_bytes(b"lo" + bytes(14), "big")
+    assert run.first_match(key) == 1
+    assert len(run.entries) == 4
+    (out,) = find_runs([Rule(oif=n, target=DROP) for n in names])
+    assert out.field is KeyField.OIF
+    for bad in ([Rule(iif="eth+", target=DROP)] * 5,
+                [Rule(iif="eth0", iif_neg=True, target=DROP)] * 5):
+        assert find_runs(bad) == []
+    assert interface_key(None, False) is None
