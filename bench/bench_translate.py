@@ -181,8 +181,10 @@ def machine() -> dict[str, Any]:
         for line in os_release.read_text().splitlines():
             if line.startswith("PRETTY_NAME="):
                 distro = line.split("=", 1)[1].strip('"')
+    # Other work on the machine shows up in the figures; record how busy it was.
     return {"cpus": os.cpu_count(), "kernel": platform.release(), "distro": distro,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main(argv: list[str] | None = None) -> int:

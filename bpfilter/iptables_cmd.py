@@ -17,6 +17,7 @@ from bpfilter.grammar.errors import EXIT_PARAMETER, ParseError
 from bpfilter.grammar.getopt import arity, normalize
 from bpfilter.grammar.iptables import BUILTIN_CHAINS, CHAIN_NAME_MAX, parse_command, parse_restore
 from bpfilter.grammar.tokenize import Word
+from bpfilter.ir import checks
 from bpfilter.ir.iptables_save import format_rule
 from bpfilter.ir.matches import ICMP6_TYPES, ICMP_TYPES, MATCHES, Ctx
 from bpfilter.ir.model import Chain, Option, PortRange, Prefix, Rule, Ruleset, Table, TargetKind
@@ -60,6 +61,7 @@ INVALID = "Invalid argument. Run `dmesg' for more information."
 FILE_EXISTS = "File exists."
 BAD_BUILTIN = "Bad built-in chain name."
 BAD_POLICY = "Bad policy name. Run `dmesg' for more information."
+LOOP = "Too many levels of symbolic links."
 
 
 class CommandFailed(Exception):
@@ -190,6 +192,11 @@ def parse_args(argv: Sequence[str], family: int = 4) -> CommandLine:
             o["netns"] = value(a)
         elif a == "--json":
             o["json"] = True
+        elif a in ("-h", "--help"):
+            raise CliExit(0, out=usage(family))
+        elif a in ("-V", "--version"):
+            # Tools (Docker among them) read the backend from this line.
+            raise CliExit(0, out=f"{IPT[family]} {VERSION}\n")
         elif a in ("-n", "-v", "-x", "--line-numbers"):
             seen.append(a)
             key = {"-n": "numeric", "-v": "verbose", "-x": "exact",
@@ -234,6 +241,22 @@ def parse_args(argv: Sequence[str], family: int = 4) -> CommandLine:
     return CommandLine(**o)
 
 
+def usage(family: int) -> str:
+    """What -h prints."""
+    return (f"{TOOL[family]}: iptables' single commands on the ruleset bpfilter has loaded\n"
+            f"Usage: {TOOL[family]} -[ACD] chain rule-specification [options]\n"
+            f"       {TOOL[family]} -I chain [rulenum] rule-specification [options]\n"
+            f"       {TOOL[family]} -R chain rulenum rule-specification [options]\n"
+            f"       {TOOL[family]} -D chain rulenum [options]\n"
+            f"       {TOOL[family]} -[LS] [chain [rulenum]] [options]\n"
+            f"       {TOOL[family]} -[FZ] [chain] [options]\n"
+            f"       {TOOL[family]} -[NX] chain\n"
+            f"       {TOOL[family]} -E old-chain-name new-chain-name\n"
+            f"       {TOOL[family]} -P chain target [options]\n"
+            "Options: -t table, -n, -v, -x, --line-numbers, -w [seconds], -W usecs,\n"
+            "         --netns NAME (a namespace from `ip netns list`), --json\n")
+
+
 def _rulenum_ok(text: str) -> bool:
     return text.isdigit() and int(text) >= 1
 
@@ -267,11 +290,8 @@ def build_rules(cmd: CommandLine, table: Table) -> list[Rule]:
     except ParseError as e:
         if e.exit_code == EXIT_PARAMETER:
             raise _param(cmd.family, e.message) from None
-        if cmd.command not in ("-D", "-C") or chain == _STAND_IN:
-            # The table with the rule added is refused (a loop): libiptc's message.
-            message = e.message.split(" failed: ", 1)[-1].split(" (", 1)[0]
-            raise CommandFailed(message[:1].upper() + message[1:] + ".") from None
-    # -D/-C add nothing: a rule that would close a loop is simply not there.
+    # Appended there, the rule closes a loop; apply() checks the table as it really ends up
+    # (-I, -R and the kernel's walk decide), and -D/-C just find no such rule.
     return _parse_rules(cmd, table, _STAND_IN)
 
 
@@ -339,6 +359,8 @@ def apply(cmd: CommandLine, table: Table, rules: list[Rule] | None = None) -> Ta
                         raise CommandFailed(missing_rule(r))
                     del body[i]
         chains[c.name] = replace(c, rules=tuple(body))
+        if cmd.command != "-D" and checks.find_loop(_with(table, chains)) is not None:
+            raise CommandFailed(LOOP)
     elif cmd.command == "-N":
         assert cmd.chain is not None
         _check_new_name(cmd.family, cmd.chain)
@@ -741,8 +763,10 @@ def run(cmd: CommandLine) -> Result:
         return Result(EXIT_FAILED, err=f"{TOOL[family]}: table '{cmd.table}' cannot be "
                       f"compiled to eBPF by bpfilter (it compiles {' and '.join(sorted(HOOKS))})"
                       "\n")
-    done = restore_table(new, RestoreOptions(family=family, noflush=True, netns=cmd.netns),
-                         live)
+    # -c PKTS BYTES on a rule command sets that rule's counters.
+    explicit = cmd.command in RULE_COMMANDS and "-c" in cmd.rulespec
+    done = restore_table(new, RestoreOptions(family=family, noflush=True, netns=cmd.netns,
+                                             counters=explicit), live)
     return Result(0, out, data={"changed": True, "generation": done.generation,
                                 "rules": done.rules, "programs": done.programs})
 

@@ -59,6 +59,18 @@ def reachable_hooks(table: Table) -> dict[str, frozenset[NfHook]]:
     return {k: frozenset(v) for k, v in hooks.items()}
 
 
+def _walked_jumps(chain: Chain) -> list[tuple[Rule, str]]:
+    # The kernel's loop check (mark_source_chains) stops walking a chain at its first
+    # unconditional ACCEPT/DROP/RETURN: jumps after it close no loop.
+    for i, r in enumerate(chain.rules):
+        t = r.target
+        if t is not None and t.kind is TargetKind.VERDICT and r == Rule(target=t, line=r.line,
+                                                                        col=r.col,
+                                                                        counters=r.counters):
+            return _jumps(Chain(chain.name, chain.rules[:i]))
+    return _jumps(chain)
+
+
 def find_loop(table: Table) -> Rule | None:
     """A rule whose jump closes a cycle reachable from a base chain, if there is one.
 
@@ -70,7 +82,7 @@ def find_loop(table: Table) -> Rule | None:
 
     def visit(name: str) -> Rule | None:
         state[name] = 1
-        for rule, target in _jumps(by_name[name]):
+        for rule, target in _walked_jumps(by_name[name]):
             if target not in by_name:
                 continue
             s = state.get(target)

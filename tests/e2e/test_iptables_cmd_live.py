@@ -151,6 +151,9 @@ CASES = """\
 -L -Z
 -S
 -t raw -A PREROUTING -s 198.18.0.3 -j DROP
+-I OUTPUT -c 5 10 -s 198.18.0.4 -j ACCEPT
+-S OUTPUT -v
+-V
 -t raw -S
 -t nat -S
 -F f2b-new
@@ -217,14 +220,18 @@ SETUP = ("-N f2b-a", "-A f2b-a -j RETURN", "-I INPUT -p tcp --dport 22 -j f2b-a"
 
 
 def random_command(rng: random.Random) -> list[str]:
-    """One fail2ban/Docker-style command, often one that fails."""
+    """One fail2ban/Docker-style command, often one that fails. A user chain jumps only to
+    the user chains after it in CHAINS, as these tools do, so no loops: iptables accepts a
+    loop the kernel's walk never reaches (after an unconditional verdict), the compiler
+    refuses it."""
     chain = rng.choice(CHAINS + ("INPUT", "FORWARD"))
 
     def rule() -> list[str]:
         spec = rng.choice([["-s", f"198.18.0.{rng.randrange(4)}"],
                            ["-p", "tcp", "--dport", str(rng.choice((22, 80)))],
                            ["-i", "veth0", "-o", "docker0"], ["-d", "198.19.0.0/16"], []])
-        target = rng.choice(("ACCEPT", "DROP", "RETURN", *CHAINS))
+        later = CHAINS[CHAINS.index(chain) + 1:] if chain in CHAINS else CHAINS
+        target = rng.choice(("ACCEPT", "DROP", "RETURN", *later))
         return [*spec, "-j", target]
 
     op = rng.choice("NXFAIIDDCRPEZ")

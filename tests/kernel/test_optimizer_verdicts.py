@@ -132,7 +132,7 @@ def _verdicts(compiled: CompiledRuleset, packets: list[bytes]) -> tuple[list[int
 def test_optimized_and_linear_programs_agree(seed: int, family: int) -> None:
     text = random_ruleset(seed, family)
     ruleset = parse_restore(text, family=family)
-    optimized = compile_ruleset(ruleset, family)
+    optimized = compile_ruleset(ruleset, family, min_run=4)
     linear = compile_ruleset(ruleset, family, optimize=False)
     assert optimized.lookups, "the generator is meant to produce runs"
     assert not linear.lookups
@@ -291,7 +291,7 @@ def test_more_runs_than_a_program_may_use_maps() -> None:
     text = "\n".join(["*filter", ":INPUT DROP [0:0]", ":FORWARD ACCEPT [0:0]",
                       ":OUTPUT ACCEPT [0:0]", *rules, "COMMIT", ""])
     ruleset = parse_restore(text)
-    optimized = compile_ruleset(ruleset, 4)
+    optimized = compile_ruleset(ruleset, 4, min_run=4)
     assert len(optimized.lookups) == 63
     rng = random.Random(5)
     packets = [cb.packet(cb.CbPacket(0xC6120000 | rng.randrange(80) << 8 | rng.randrange(10),
@@ -304,7 +304,8 @@ def test_more_runs_than_a_program_may_use_maps() -> None:
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_interface_runs_at_forward(family: int) -> None:
-    """-i and -o runs where a test run sees both devices (loopback)."""
+    """-i and -o runs at FORWARD, where a test run shows the loopback device as the output
+    device (and no input device a name could match)."""
     names = ["eth0", "lo0", "l", "lo", "lo", "veth-1", "lo-x"]
     rules = [f"-A FORWARD -i {n} -j {'ACCEPT' if k % 2 else 'DROP'}" for k, n in enumerate(names)]
     rules += [f"-A FORWARD -o {n} -j {'ACCEPT' if k % 3 else 'DROP'}"
@@ -312,7 +313,7 @@ def test_interface_runs_at_forward(family: int) -> None:
     text = "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD DROP [0:0]",
                       ":OUTPUT ACCEPT [0:0]", *rules, "COMMIT", ""])
     ruleset = parse_restore(text, family=family)
-    optimized = compile_ruleset(ruleset, family)
+    optimized = compile_ruleset(ruleset, family, min_run=4)
     assert sorted(run.field.value for _, _, run, _ in optimized.lookups) == ["-i", "-o"]
     packet = random_packet(random.Random(3), family)
     results = []
@@ -320,4 +321,6 @@ def test_interface_runs_at_forward(family: int) -> None:
         with loader.TestRunner(compiled) as runner:
             results.append((runner.run(NfHook.FORWARD, packet), runner.counters()))
     assert results[0] == results[1]
-    assert results[0][1][("filter", "FORWARD", 4)][0] == 1  # the first "-i lo" rule
+    verdict, counters = results[0]
+    assert verdict == 1
+    assert {pos for (_, c, pos), (n, _) in counters.items() if n} == {10}  # first "-o lo"

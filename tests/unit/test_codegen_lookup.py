@@ -108,7 +108,7 @@ BLOCK = [f"-A INPUT -s 198.18.{i}.0/24 -j {'DROP' if i % 3 else 'ACCEPT'}" for i
 
 def test_compiler_emits_one_lookup_per_run_and_keeps_counters_per_rule() -> None:
     text = _ruleset(["-A INPUT -p tcp -j ACCEPT", *BLOCK, "-A INPUT -j DROP"])
-    compiled = compile_ruleset(parse_restore(text), 4)
+    compiled = compile_ruleset(parse_restore(text), 4, min_run=4)
     assert [m.name for m in compiled.maps] == ["counters", "lookup_0"]
     assert compiled.maps[0].max_entries == 15  # 3 policies + 12 rules: one counter each
     (table, chain, run, name) = compiled.lookups[0]
@@ -120,7 +120,7 @@ def test_compiler_emits_one_lookup_per_run_and_keeps_counters_per_rule() -> None
 def test_optimize_off_and_user_chain_maps_shared_between_programs() -> None:
     text = _ruleset([*[r.replace("-A INPUT", "-A BLOCK") for r in BLOCK],
                      "-A INPUT -j BLOCK", "-A OUTPUT -j BLOCK"], chains="BLOCK")
-    compiled = compile_ruleset(parse_restore(text), 4)
+    compiled = compile_ruleset(parse_restore(text), 4, min_run=4)
     assert [m.name for m in compiled.maps] == ["counters", "lookup_0"]
     assert len(compiled.programs) == 2
     plain = compile_ruleset(parse_restore(text), 4, optimize=False)
@@ -182,7 +182,7 @@ def test_emit_classifier_scans_every_word_once() -> None:
 def test_port_run_looks_the_port_up_after_the_rest_of_the_match() -> None:
     text = _ruleset([f"-A INPUT -p udp -m udp --sport 53 --dport {p} -j DROP"
                      for p in (1, 2, 3, 4, 5)])
-    compiled = compile_ruleset(parse_restore(text), 4)
+    compiled = compile_ruleset(parse_restore(text), 4, min_run=4)
     ((_, _, run, name),) = compiled.lookups
     assert run.field is KeyField.DPORT
     spec = next(m for m in compiled.maps if m.name == name)
@@ -205,7 +205,7 @@ def _many_runs(groups: int) -> str:
 
 
 def test_runs_beyond_the_map_limit_stay_linear_largest_kept() -> None:
-    compiled = compile_ruleset(parse_restore(_many_runs(80)), 4)
+    compiled = compile_ruleset(parse_restore(_many_runs(80)), 4, min_run=4)
     sizes = sorted(len(run.rules) for _, _, run, _ in compiled.lookups)
     assert len(compiled.maps) == MAX_USED_MAPS  # counters + 63 lookups
     assert len(sizes) == MAX_USED_MAPS - 1
@@ -215,7 +215,7 @@ def test_runs_beyond_the_map_limit_stay_linear_largest_kept() -> None:
 
 def test_interface_run_keys_are_nul_padded_names() -> None:
     text = _ruleset([f"-A INPUT -i {n} -j DROP" for n in ("eth0", "lo", "wg0", "br-lan")])
-    compiled = compile_ruleset(parse_restore(text), 4)
+    compiled = compile_ruleset(parse_restore(text), 4, min_run=4)
     ((_, _, run, name),) = compiled.lookups
     assert run.field is KeyField.IIF
     spec = next(m for m in compiled.maps if m.name == name)

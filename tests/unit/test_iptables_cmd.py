@@ -134,6 +134,18 @@ def test_bad_argument(argv: list[str]) -> None:
                                + TRY)
 
 
+def test_help_and_version() -> None:
+    assert parse_args_exit(["-h"]).out.startswith("bpfilter-iptables: ")
+    e = parse_args_exit(["--version"], 6)
+    assert (e.code, e.out) == (0, "ip6tables v1.8.9 (legacy)\n")
+
+
+def parse_args_exit(argv: list[str], family: int = 4) -> CliExit:
+    with pytest.raises(CliExit) as e:
+        parse_args(argv, family)
+    return e.value
+
+
 def test_the_other_family_flag_is_a_parameter_problem() -> None:
     assert usage_error(["-6", "-A", "INPUT", "-j", "ACCEPT"]).err == TRY
     e = usage_error(["-4", "-A", "INPUT", "-j", "ACCEPT"], family=6)
@@ -246,9 +258,16 @@ def test_loops_only_when_reachable() -> None:
     t = run(["-N", "loop"])
     t = run(["-A", "loop", "-j", "loop"], t)  # unreachable: iptables accepts it
     assert "-A loop -j loop" in save(t)
-    assert failure(["-A", "f2b-sshd", "-j", "f2b-sshd"]) == "Too many levels of symbolic links."
+    assert failure(["-I", "f2b-sshd", "-j", "f2b-sshd"]) == iptables_cmd.LOOP
+    # The kernel stops its walk at an unconditional verdict (f2b-sshd ends with -j RETURN):
+    # a jump after it closes no loop, until -R puts it in the RETURN's place.
+    t = run(["-A", "f2b-sshd", "-j", "f2b-sshd"])
+    assert "-A f2b-sshd -j f2b-sshd" in save(t)
+    assert failure(["-R", "f2b-sshd", "2", "-j", "f2b-sshd"]) == iptables_cmd.LOOP
+    assert failure(["-R", "f2b-sshd", "9", "-j", "f2b-sshd"]) == "Index of replacement too big."
     # -D and -C of such a rule only find that it is not there.
-    assert failure(["-D", "f2b-sshd", "-j", "f2b-sshd"]) == iptables_cmd.NO_CHAIN
+    assert failure(["-D", "f2b-sshd", "-s", "198.18.0.1", "-j", "f2b-sshd"]) == \
+        iptables_cmd.NO_CHAIN
 
 
 def test_check() -> None:

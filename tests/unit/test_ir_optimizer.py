@@ -119,7 +119,7 @@ def _blocklist(n: int, **kw: object) -> list[Rule]:
 def test_find_runs_cuts_at_different_shapes() -> None:
     rules = [*_blocklist(5), Rule(src=prefix(1, 32), proto=6, matches=(TCP22,), target=DROP),
              *_blocklist(4, proto=6, matches=(TCP22,))]
-    runs = find_runs(rules)
+    runs = find_runs(rules, 4)
     assert [(r.field, r.start, r.stop) for r in runs] == [(KeyField.SRC, 0, 5),
                                                           (KeyField.SRC, 5, 10)]
 
@@ -131,22 +131,24 @@ def test_find_runs_leaves_ineligible_rules_linear() -> None:
     jumps = [Rule(src=prefix(k, 32), target=JUMP_X) for k in range(8)]
     any_proto = [Rule(proto=0, target=DROP) for _ in range(8)]
     for rules in (negated, odd_mask, counting, jumps, any_proto):
-        assert find_runs(rules) == []
+        assert find_runs(rules, 4) == []
 
 
 def test_find_runs_min_run_and_longest_field() -> None:
-    assert find_runs(_blocklist(3)) == []
+    assert find_runs(_blocklist(31)) == []  # MIN_RUN is 32
+    assert len(find_runs(_blocklist(32))) == 1
+    assert find_runs(_blocklist(3), 4) == []
     assert len(find_runs(_blocklist(3), min_run=3)) == 1
     # Same source, different destinations: the destination gives the longer run.
     rules = [Rule(src=prefix(1, 32), dst=prefix(k, 32), target=DROP) for k in range(6)]
-    (run,) = find_runs(rules)
+    (run,) = find_runs(rules, 4)
     assert run.field is KeyField.DST and (run.start, run.stop) == (0, 6)
 
 
 def test_find_runs_mixes_terminal_targets() -> None:
     rules = [Rule(proto=p, target=t) for p, t in
              zip(range(1, 9), [ACCEPT, DROP, RETURN, GOTO_X] * 2, strict=True)]
-    (run,) = find_runs(rules)
+    (run,) = find_runs(rules, 4)
     assert run.field is KeyField.PROTO
     assert run.actions == (ACCEPT, DROP, RETURN, GOTO_X)
     assert run.action_of == (0, 1, 2, 3, 0, 1, 2, 3)
@@ -154,12 +156,12 @@ def test_find_runs_mixes_terminal_targets() -> None:
 
 def test_explain_names_lines_and_tables() -> None:
     rules = _blocklist(6)
-    text = explain(find_runs(rules))
+    text = explain(find_runs(rules, 4))
     assert text == ["lookup 0: rules 1-6 (lines 1-6) -> hash on -s, 6 entries, "
                     "1 action(s): DROP"]
     mixed = [Rule(src=prefix(k, 32), dst=prefix(k << 8, 24), proto=6, matches=(TCP22,),
                   target=ACCEPT if k % 2 else GOTO_X, line=k + 1) for k in range(70)]
-    (line,) = explain(plan(mixed))
+    (line,) = explain(plan(mixed, min_run=4))
     assert line == ("lookup 0: rules 1-70 (lines 1-70) -> bit-vector classifier, 2 words per "
                     "bitmap: -s lpm_trie 71 entries, -d lpm_trie 71 entries, -p array, "
                     "--sport 1 intervals, --dport 3 intervals; 2 action(s): -g X, ACCEPT")
@@ -167,7 +169,7 @@ def test_explain_names_lines_and_tables() -> None:
 
 def test_large_blocklist_is_one_run() -> None:
     rules = _blocklist(20_000)
-    (run,) = find_runs(rules)
+    (run,) = find_runs(rules, 4)
     assert len(run.entries) == 20_000
     assert run.first_match(0xC612_0000 + 12_345) == 12_345
 
@@ -256,22 +258,22 @@ def test_classifiable_refuses_other_shapes() -> None:
 
 def test_plan_prefers_one_single_field_run_and_cuts_classifiers() -> None:
     block = _blocklist(100)
-    (run,) = plan(block)
+    (run,) = plan(block, min_run=4)
     assert isinstance(run, Run)
     mixed = [Rule(src=prefix(k, 32), dst=prefix(k * 7, 24), target=DROP) for k in range(80)]
     counting = Rule(src=prefix(1, 32))  # no target: not classifiable
-    segs = plan([*_blocklist(5), counting, *mixed, counting, *mixed[:10]])
+    segs = plan([*_blocklist(5), counting, *mixed, counting, *mixed[:10]], min_run=4)
     assert [(type(s).__name__, s.start, s.stop) for s in segs] == [
         ("Run", 0, 5), ("Classifier", 6, 86), ("Run", 87, 97)]
-    assert plan(mixed, family=6) == find_runs(mixed)
+    assert plan(mixed, family=6, min_run=4) == find_runs(mixed, 4)
     # A long stretch: classifiers of at most max_classifier rules, a short tail stays linear.
     many = [Rule(src=prefix(k, 32), dst=prefix(k * 7, 24), target=DROP) for k in range(300)]
-    segs = plan(many, max_classifier=100)
+    segs = plan(many, max_classifier=100, min_run=4)
     assert [(type(s).__name__, s.start, s.stop) for s in segs] == [
         ("Classifier", 0, 100), ("Classifier", 100, 200), ("Classifier", 200, 300)]
     segs = plan(many[:250], max_classifier=100, min_run=1000)
     assert [(s.start, s.stop) for s in segs] == [(0, 100), (100, 200)]
-    assert all(isinstance(s, Run) for s in plan(mixed, min_classifier=100))
+    assert all(isinstance(s, Run) for s in plan(mixed, min_classifier=100, min_run=4))
 
 
 def _tcp(**ports: PortRange) -> Match:
@@ -281,7 +283,7 @@ def _tcp(**ports: PortRange) -> Match:
 def test_port_runs_keep_the_rest_of_the_match() -> None:
     rules = [Rule(proto=6, matches=(_tcp(sport=PortRange(1000, 2000), dport=PortRange(p, p)),),
                   target=DROP if p % 2 else ACCEPT) for p in (22, 80, 443, 22, 8080)]
-    (run,) = find_runs(rules)
+    (run,) = find_runs(rules, 4)
     assert run.field is KeyField.DPORT and not run.field.is_prefix and run.exact
     assert sorted(run.entries) == [(22, 0, 0), (80, 0, 1), (443, 0, 2), (8080, 0, 4)]
     assert run.first_match(443) == 2 and run.first_match(23) is None
@@ -295,7 +297,7 @@ def test_port_ranges_and_negated_ports_stay_linear() -> None:
     negated = [Rule(proto=6, matches=(Match("tcp", (Option("--dport", PortRange(p, p),
                                                            negated=True),)),), target=DROP)
                for p in range(8)]
-    assert find_runs(ranges) == [] and find_runs(negated) == []
+    assert find_runs(ranges, 4) == [] and find_runs(negated, 4) == []
     assert port_key(ranges[0], KeyField.DPORT) is None
     assert port_key(Rule(proto=6, matches=(_tcp(sport=PortRange(5, 5)),)), KeyField.SPORT) == 5
 
@@ -303,15 +305,15 @@ def test_port_ranges_and_negated_ports_stay_linear() -> None:
 def test_interface_runs_use_exact_names_only() -> None:
     names = ["eth0", "lo", "eth1", "lo", "veth-a"]
     rules = [Rule(iif=n, target=DROP if k % 2 else ACCEPT) for k, n in enumerate(names)]
-    (run,) = find_runs(rules)
+    (run,) = find_runs(rules, 4)
     assert run.field is KeyField.IIF and run.exact
     key = interface_key("lo", False)
     assert key == int.from_bytes(b"lo" + bytes(14), "big")
     assert run.first_match(key) == 1
     assert len(run.entries) == 4
-    (out,) = find_runs([Rule(oif=n, target=DROP) for n in names])
+    (out,) = find_runs([Rule(oif=n, target=DROP) for n in names], 4)
     assert out.field is KeyField.OIF
     for bad in ([Rule(iif="eth+", target=DROP)] * 5,
                 [Rule(iif="eth0", iif_neg=True, target=DROP)] * 5):
-        assert find_runs(bad) == []
+        assert find_runs(bad, 4) == []
     assert interface_key(None, False) is None

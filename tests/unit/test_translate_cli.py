@@ -71,7 +71,7 @@ def test_missing_file(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFix
 
 
 RUN = ("*filter\n:INPUT DROP [0:0]\n-A INPUT -p tcp --dport 22 -j ACCEPT\n"
-       + "".join(f"-A INPUT -s 198.18.0.{i} -j DROP\n" for i in range(1, 6)) + "COMMIT\n")
+       + "".join(f"-A INPUT -s 198.18.0.{i} -j DROP\n" for i in range(1, 41)) + "COMMIT\n")
 
 
 def test_explain_lists_lookups_and_maps(monkeypatch: pytest.MonkeyPatch,
@@ -80,9 +80,9 @@ def test_explain_lists_lookups_and_maps(monkeypatch: pytest.MonkeyPatch,
     assert rc == 0 and err == ""
     lines = out.splitlines()
     assert lines[:2] == [
-        "filter INPUT: 6 rules, 5 in 1 lookup(s), 1 one by one",
-        "  lookup 0: rules 2-6 (lines 4-8) -> hash on -s, 5 entries, 1 action(s): DROP"]
-    assert "map lookup_0: hash, key 4 B, value 8 B, 5 entries" in lines
+        "filter INPUT: 41 rules, 40 in 1 lookup(s), 1 one by one",
+        "  lookup 0: rules 2-41 (lines 4-43) -> hash on -s, 40 entries, 1 action(s): DROP"]
+    assert "map lookup_0: hash, key 4 B, value 8 B, 40 entries" in lines
 
 
 def test_asm_marks_rule_lines(monkeypatch: pytest.MonkeyPatch,
@@ -91,7 +91,7 @@ def test_asm_marks_rule_lines(monkeypatch: pytest.MonkeyPatch,
     assert rc == 0 and err == ""
     assert out.startswith("; program filter_INPUT4: table filter, chain INPUT, hook LOCAL_IN")
     assert "; line 3: INPUT rule 1" in out
-    assert "; lines 4-8: INPUT rules 2-6 by lookup in lookup_0" in out
+    assert "; lines 4-43: INPUT rules 2-41 by lookup in lookup_0" in out
     assert "call bpf_map_lookup_elem" in out
 
 
