@@ -39,7 +39,7 @@ _COMMANDS = frozenset({"-A", "-C", "-I", "-D", "-R", "-L", "-S", "-F", "-Z", "-N
 _CLUSTER = frozenset("nvxLSFZXw46")
 # Short options iptables itself knows; any other "-X" is an unknown option.
 _SHORT = frozenset("ACIDRLSFZNXEPsdiopjgmfct46vnxwWhV")
-_BLANK_AFTER = ("Couldn't load", "Can't use -")
+_BLANK_AFTER = ("Couldn't load", "Can't use -", "--wait-interval only")
 _STAND_IN = " "  # a chain name no command line can reach
 # iptables' commands_v_options columns, in the order it reports an illegal one.
 _OPTION_ORDER = ("-n", "-s", "-d", "-p", "-j", "-v", "-x", "-i", "-o", "--line-numbers",
@@ -90,6 +90,7 @@ class CommandLine:
     wait: float | None = None
     netns: str | None = None
     json: bool = False
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -186,6 +187,7 @@ def parse_args(argv: Sequence[str], family: int = 4) -> CommandLine:
                     raise _param(family, "wait seconds not numeric")
                 o["wait"] = float(args[i])
         elif a in ("-W", "--wait-interval"):
+            o["warnings"] = ("Ignoring deprecated --wait-interval option.",)
             if _optional(args, i + 1):
                 i += 1
         elif a == "--netns":
@@ -211,11 +213,16 @@ def parse_args(argv: Sequence[str], family: int = 4) -> CommandLine:
         elif a.startswith("-") or a == "!":
             spec.append(a)
             n = arity(a)
+            if a == "-c" and i + 1 < len(args) and "," not in args[i + 1]:
+                n = 2  # -c PKTS BYTES (the grammar also takes -c PKTS,BYTES)
             spec.extend(args[i + 1:i + 1 + n])
             i += n
         else:
             raise CliExit(EXIT_PARAMETER, err=f"Bad argument `{a}'\n" + _try(family))
         i += 1
+    if o.get("warnings") and "wait" not in o:
+        raise CliExit(EXIT_PARAMETER, err="Ignoring deprecated --wait-interval option.\n"
+                      + _param(family, "--wait-interval only makes sense with --wait").err)
     cmd = o.get("command")
     if not cmd:
         raise _param(family, "no command specified")
@@ -752,12 +759,13 @@ def run(cmd: CommandLine) -> Result:
     if cmd.command == "-S":
         text = list_rules(cmd, new)
         return Result(0, text, data={"rules": text.splitlines()})
+    if cmd.verbose and cmd.command in ("-Z", "-X", "-F"):
+        out += _verbose_chains(cmd, table)
     if cmd.command == "-Z":
         if live is not None:
             _zero(live, cmd.chain)
         return Result(0, out)
-    old_text = _text(table)
-    if _text(new) == old_text:
+    if new == table:  # unchanged rules are the same objects: this is cheap
         return Result(0, out, data={"changed": False})
     if key is None:
         return Result(EXIT_FAILED, err=f"{TOOL[family]}: table '{cmd.table}' cannot be "
@@ -771,10 +779,12 @@ def run(cmd: CommandLine) -> Result:
                                 "rules": done.rules, "programs": done.programs})
 
 
-def _text(table: Table) -> str:
-    return "\n".join(f"{c.name} {c.policy}\n" + "\n".join(
-        format_rule(r, c.name, bits=_bits(table), table=table.name) for r in c.rules)
-        for c in table.chains)
+def _verbose_chains(cmd: CommandLine, table: Table) -> str:
+    """What iptables -v says for each chain it zeroes, deletes or flushes."""
+    verb = {"-Z": "Zeroing", "-X": "Deleting", "-F": "Flushing"}[cmd.command]
+    chains = [cmd.chain] if cmd.chain is not None else [
+        c.name for c in _selected(cmd, table) if cmd.command != "-X" or not c.is_base]
+    return "".join(f"{verb} chain `{name}'\n" for name in chains)
 
 
 def _chains_json(cmd: CommandLine, table: Table) -> list[dict[str, Any]]:
@@ -801,6 +811,8 @@ def main(argv: Sequence[str], family: int = 4, *, stdout: IO[str] | None = None,
     cmd: CommandLine | None = None
     try:
         cmd = parse_args(argv, family)
+        for w in cmd.warnings:
+            stderr.write(w + "\n")
         try:
             state.require_root(TOOL[family])
             bpffs.ensure_mounted()

@@ -20,10 +20,12 @@ from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import IFNAMSIZ, MapFlag, MapType
 from bpfilter.ir.optimizer import (
+    EVERY_PROTO,
     HOTDROP,
     NOMATCH,
     NORMAL,
     PORT_SPACE,
+    PROTOERR,
     Classifier,
     KeyField,
     PortField,
@@ -125,7 +127,8 @@ def emit_lookup(em: Emitter, run: Run, map_name: str) -> None:
 
 # --- bit-vector classifiers (ir/optimizer.Classifier) ------------------------------------------
 
-ACTS = struct.Struct("<III")  # counter index, action, 1 when the rule tests ports
+ACTS = struct.Struct("<III")  # counter index, action, flags:
+PORTED, HAS_PROTO = 1, 2  # the rule tests ports; the rule has -p
 _CLASS_REG = R9  # the packet class (optimizer NORMAL / NOMATCH / HOTDROP)
 _PTRS = (R3, R4, R5, R6, R8)  # bitmaps of src, dst, proto, sport, dport during the scan
 _SPILL = (-32, -40, -48, -56, -64)  # where the bitmap pointers wait across the lookups
@@ -144,10 +147,13 @@ def classifier_maps(prefix: str, cls: Classifier,
     def bitmap(b: int) -> bytes:
         return b.to_bytes(size, "little")
 
+    width = cls.bits // 8
+
     def trie(kind: str, entries: tuple[tuple[int, int, int], ...]) -> tuple[MapSpec, Items]:
-        spec = MapSpec(f"{prefix}_{kind}", MapType.LPM_TRIE, 8, size, len(entries),
+        spec = MapSpec(f"{prefix}_{kind}", MapType.LPM_TRIE, 4 + width, size, len(entries),
                        int(MapFlag.NO_PREALLOC))
-        return spec, tuple((u32(n) + a.to_bytes(4, "big"), bitmap(b)) for a, n, b in entries)
+        return spec, tuple((u32(n) + a.to_bytes(width, "big"), bitmap(b))
+                           for a, n, b in entries)
 
     def array(kind: str, values: list[bytes], value_size: int) -> tuple[MapSpec, Items]:
         spec = MapSpec(f"{prefix}_{kind}", MapType.ARRAY, 4, value_size, len(values))
@@ -160,8 +166,9 @@ def classifier_maps(prefix: str, cls: Classifier,
             out.extend([u32(i)] * (end - len(out)))
         return out
 
-    acts = [ACTS.pack(first_index + k, a, int(p))
-            for k, (a, p) in enumerate(zip(cls.action_of, cls.ported, strict=True))]
+    acts = [ACTS.pack(first_index + k, a, (PORTED if p else 0) | (HAS_PROTO if h else 0))
+            for k, (a, p, h) in enumerate(zip(cls.action_of, cls.ported, cls.has_proto,
+                                              strict=True))]
     return [
         trie("src", cls.src),
         trie("dst", cls.dst),
@@ -185,12 +192,18 @@ def _lookup(em: Emitter, map_name: str, spill: int | None) -> None:
 
 def _packet_class(em: Emitter) -> None:
     classed, length, udp = em.label("classed"), em.label("len"), em.label("udp")
+    em.emit(asm.mov64(_CLASS_REG, NORMAL))
+    if em.family == 6:
+        # The extension headers could not be walked: a rule with -p hot-drops.
+        walked = em.label("walked")
+        em.emit(asm.ldx(Size.W, R1, R7, nf.PROTO_ERROR), asm.jmp("jeq", R1, 0, walked),
+                asm.mov64(_CLASS_REG, PROTOERR), asm.ja(classed), Label(walked))
     em.emit(
-        asm.mov64(_CLASS_REG, NORMAL),
         asm.ldx(Size.W, R2, R7, nf.PROTO),
         asm.ldx(Size.W, R1, R7, nf.FRAG),
         asm.jmp("jeq", R1, 0, length),
-        # A later fragment: port tests fail, except tcp_mt's hot drop at offset 1 (IPv4).
+        # A later fragment: port tests fail, except tcp_mt's hot drop at offset 1 (IPv4;
+        # an IPv6 offset is in bytes, a multiple of 8).
         asm.mov64(_CLASS_REG, NOMATCH),
         asm.jmp("jne", R1, 1, classed),
         asm.jmp("jne", R2, IPPROTO_TCP, classed),
@@ -229,15 +242,21 @@ def emit_classifier(em: Emitter, cls: Classifier, names: dict[str, str]) -> None
     On a hit INDEX_REG and ACTION_REG are set as for emit_lookup; no rule: ``em.fail``.
     ``names`` maps CLASSIFIER_MAPS kinds to map names."""
     _packet_class(em)
-    for kind, v4 in (("src", 12), ("dst", 16)):
-        em.emit(asm.st(Size.W, FP, KEY_SLOT, 32, comment=f"{kind} key.prefixlen"),
-                asm.ldx(Size.W, R1, R7, nf.L3 + v4), asm.stx(Size.W, FP, KEY_SLOT + 4, R1))
+    for kind in ("src", "dst"):
+        v4, v6 = _ADDR[KeyField.SRC if kind == "src" else KeyField.DST]
+        off = nf.L3 + (v4 if em.family == 4 else v6)
+        em.emit(asm.st(Size.W, FP, KEY_SLOT, cls.bits, comment=f"{kind} key.prefixlen"))
+        for i in range(0, cls.bits // 8, 4):
+            em.emit(asm.ldx(Size.W, R1, R7, off + i), asm.stx(Size.W, FP, KEY_SLOT + 4 + i, R1))
         _lookup(em, names[kind], _SPILL[0 if kind == "src" else 1])
-    plain = em.label("proto")
+    plain, keyed = em.label("proto"), em.label("proto_key")
     em.emit(asm.ldx(Size.W, R1, R7, nf.PROTO),
             asm.jmp("jne", _CLASS_REG, NOMATCH, plain),
             asm.add64(R1, 256, comment="bitmaps without the rules that test ports"),
-            Label(plain), asm.stx(Size.W, FP, KEY_SLOT, R1))
+            Label(plain),
+            asm.jmp("jne", _CLASS_REG, PROTOERR, keyed),
+            asm.mov64(R1, EVERY_PROTO, comment="every rule: the protocol is unknown"),
+            Label(keyed), asm.stx(Size.W, FP, KEY_SLOT, R1))
     _lookup(em, names["proto"], _SPILL[2])
     _port_bitmap(em, cls, names, 0, "sidx", "sbits", _SPILL[3])
     _port_bitmap(em, cls, names, 2, "didx", "dbits", _SPILL[4])
@@ -262,10 +281,13 @@ def emit_classifier(em: Emitter, cls: Classifier, names: dict[str, str]) -> None
                 asm.lsh64(R2, shift), asm.add64(R0, R2))
     em.emit(asm.stx(Size.W, FP, KEY_SLOT, R0))
     _lookup(em, names["acts"], None)
-    ok = em.label("act")
+    ok, other = em.label("act"), em.label("protoerr")
     em.emit(asm.ldx(Size.W, INDEX_REG, R0, 0, comment="counter index of the first match"),
             asm.ldx(Size.W, ACTION_REG, R0, 4, comment="its action"),
             asm.ldx(Size.W, R1, R0, 8),
-            asm.jmp("jne", _CLASS_REG, HOTDROP, ok),
-            asm.jmp("jne", R1, 0, em.hot()),
+            asm.jmp("jne", _CLASS_REG, HOTDROP, other),
+            asm.jmp("jset", R1, PORTED, em.hot()),
+            Label(other),
+            asm.jmp("jne", _CLASS_REG, PROTOERR, ok),
+            asm.jmp("jset", R1, HAS_PROTO, em.hot()),
             Label(ok))

@@ -64,11 +64,15 @@ def _walked_jumps(chain: Chain) -> list[tuple[Rule, str]]:
     # unconditional ACCEPT/DROP/RETURN: jumps after it close no loop.
     for i, r in enumerate(chain.rules):
         t = r.target
-        if t is not None and t.kind is TargetKind.VERDICT and r == Rule(target=t, line=r.line,
-                                                                        col=r.col,
-                                                                        counters=r.counters):
+        if t is not None and t.kind is TargetKind.VERDICT and _unconditional(r):
             return _jumps(Chain(chain.name, chain.rules[:i]))
     return _jumps(chain)
+
+
+def _unconditional(r: Rule) -> bool:
+    return (not r.matches and r.src is None and r.dst is None and r.iif is None
+            and r.oif is None and not r.proto and r.fragment is None
+            and not (r.src_neg or r.dst_neg or r.iif_neg or r.oif_neg or r.proto_neg))
 
 
 def find_loop(table: Table) -> Rule | None:

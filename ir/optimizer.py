@@ -339,14 +339,17 @@ def first_containing(prefixes: Sequence[Prefix], bits: int) -> tuple[tuple[int, 
 # Packets whose ports the tcp/udp matches cannot judge take other bitmaps (the port fields
 # then admit every rule): a non-first fragment ("nomatch": rules with ports never match it),
 # or a transport header too short or an IPv4 TCP fragment at offset 1 ("hotdrop": the first
-# rule whose addresses and protocol match hot-drops the packet if it has ports).
+# rule whose addresses and protocol match hot-drops the packet if it has ports). An IPv6
+# packet whose extension headers cannot be walked ("protoerr") hot-drops at the first rule
+# whose addresses match if that rule has -p (as ip6_packet_match does), protocol unlooked at.
 
 MIN_CLASSIFIER = 64  # shorter stretches are cheaper one rule at a time
 # Longer stretches are cut into several classifiers, one after the other: a bitmap costs
 # rules/8 bytes per table entry, and the word loop rules/64 steps per packet.
 MAX_CLASSIFIER = 16384
 PORT_SPACE = 65536
-NORMAL, NOMATCH, HOTDROP = 0, 1, 2  # packet classes; proto bitmaps: NOMATCH at 256 + proto
+NORMAL, NOMATCH, HOTDROP, PROTOERR = 0, 1, 2, 3  # packet classes
+EVERY_PROTO = 512  # proto bitmaps: NORMAL at proto, NOMATCH at 256 + proto, PROTOERR here
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,8 +376,9 @@ class Classifier:
     """Rules ``start ..`` of a chain decided by bit-vector search.
 
     ``src``/``dst``: (address, prefix length, bitmap) for every prefix that a rule uses
-    (and /0), the bitmap holding the rules whose prefix contains it; ``proto``: 512 bitmaps,
-    by protocol (NORMAL) and 256 + protocol (NOMATCH); ``ported[k]``: rule k tests ports.
+    (and /0), the bitmap holding the rules whose prefix contains it; ``proto``: 513 bitmaps,
+    by protocol (NORMAL), 256 + protocol (NOMATCH) and EVERY_PROTO; ``ported[k]``: rule k
+    tests ports; ``has_proto[k]``: rule k has -p (even -p all).
     """
 
     start: int
@@ -387,6 +391,8 @@ class Classifier:
     proto: tuple[int, ...]
     sport: PortField
     dport: PortField
+    has_proto: tuple[bool, ...] = ()
+    bits: int = 32
 
     @property
     def stop(self) -> int:
@@ -405,21 +411,25 @@ class Classifier:
                klass: int = NORMAL) -> tuple[int, bool] | None:
         """(rule k, hot drop) the tables answer for a packet, or None: what the generated
         code computes, in Python."""
-        bits = _longest(self.src, src) & _longest(self.dst, dst)
-        bits &= self.proto[proto + (256 if klass == NOMATCH else 0)]
+        bits = _longest(self.src, src, self.bits) & _longest(self.dst, dst, self.bits)
+        if klass == PROTOERR:
+            bits &= self.proto[EVERY_PROTO]
+        else:
+            bits &= self.proto[proto + (256 if klass == NOMATCH else 0)]
         if klass == NORMAL:
             bits &= self.sport.bitmaps[self.sport.interval(sport)]
             bits &= self.dport.bitmaps[self.dport.interval(dport)]
         if not bits:
             return None
         k = (bits & -bits).bit_length() - 1
-        return k, klass == HOTDROP and self.ported[k]
+        return k, ((klass == HOTDROP and self.ported[k])
+                   or (klass == PROTOERR and self.has_proto[k]))
 
 
-def _longest(entries: Sequence[tuple[int, int, int]], addr: int) -> int:
+def _longest(entries: Sequence[tuple[int, int, int]], addr: int, width: int) -> int:
     best, bitmap = -1, 0
     for value, length, b in entries:
-        if length > best and addr >> (32 - length) == value >> (32 - length):
+        if length > best and addr >> (width - length) == value >> (width - length):
             best, bitmap = length, b
     return bitmap
 
@@ -435,16 +445,17 @@ def _ports(rule: Rule) -> tuple[PortRange, PortRange] | None:
     return None
 
 
-def classifiable(rule: Rule) -> bool:
-    """True for a rule of ClassBench shape with a terminal target (IPv4 only)."""
-    return _Classifiable()(rule)
+def classifiable(rule: Rule, bits: int = 32) -> bool:
+    """True for a rule of ClassBench shape with a terminal target (addresses ``bits`` wide)."""
+    return _Classifiable(bits)(rule)
 
 
 class _Classifiable:
     """``classifiable`` for many rules: targets, match tuples and masks are shared between
     rules (the parser interns them), so each is judged once."""
 
-    def __init__(self) -> None:
+    def __init__(self, bits: int = 32) -> None:
+        self._bits = bits
         self._targets: dict[int, bool] = {}
         self._masks: dict[int, bool] = {}
         self._matches: dict[int, int | None] = {}  # id -> protocol the match needs (0: none)
@@ -452,7 +463,7 @@ class _Classifiable:
     def _prefix_ok(self, p: Prefix | None) -> bool:
         if p is None:
             return True
-        if p.bits != 32:
+        if p.bits != self._bits:
             return False
         ok = self._masks.get(p.mask)
         if ok is None:
@@ -490,7 +501,9 @@ def _match_protocol(matches: tuple[Match, ...]) -> int | None:
     return want
 
 
-def _prefix_bitmaps(prefixes: Sequence[Prefix | None]) -> tuple[tuple[int, int, int], ...]:
+def _prefix_bitmaps(prefixes: Sequence[Prefix | None],
+                    width: int) -> tuple[tuple[int, int, int], ...]:
+    full = (1 << width) - 1
     own: dict[tuple[int, int], int] = {(0, 0): 0}  # (length, addr) -> rules with that prefix
     for k, p in enumerate(prefixes):
         n, addr = (0, 0) if p is None else (prefix_length(p) or 0, p.addr)
@@ -501,7 +514,7 @@ def _prefix_bitmaps(prefixes: Sequence[Prefix | None]) -> tuple[tuple[int, int, 
         for m in lengths:
             if m >= n:
                 break
-            mask = (0xFFFFFFFF << (32 - m)) & 0xFFFFFFFF
+            mask = (full << (width - m)) & full
             bits |= own.get((m, addr & mask), 0)
         out.append((addr, n, bits))
     return tuple(out)
@@ -525,8 +538,9 @@ def _port_field(ranges: Sequence[PortRange | None]) -> PortField:
     return PortField(tuple(cuts), tuple(bitmaps))
 
 
-def build_classifier(rules: Sequence[Rule], start: int = 0) -> Classifier:
-    """The bit-vector tables of ``rules`` (every rule must be ``classifiable``)."""
+def build_classifier(rules: Sequence[Rule], start: int = 0, bits: int = 32) -> Classifier:
+    """The bit-vector tables of ``rules`` (every rule must be ``classifiable`` with
+    addresses ``bits`` wide)."""
     actions = _Actions()
     action_of = []
     for r in rules:
@@ -539,13 +553,15 @@ def build_classifier(rules: Sequence[Rule], start: int = 0) -> Classifier:
     for k, r in enumerate(rules):
         if r.proto:
             by_proto[r.proto] |= 1 << k
-    proto = (*by_proto, *(b & unported for b in by_proto))
+    proto = (*by_proto, *(b & unported for b in by_proto), (1 << len(rules)) - 1)
     return Classifier(
         start, tuple(rules), tuple(actions.targets), tuple(action_of),
         tuple(p is not None for p in ports),
-        _prefix_bitmaps([r.src for r in rules]), _prefix_bitmaps([r.dst for r in rules]), proto,
+        _prefix_bitmaps([r.src for r in rules], bits),
+        _prefix_bitmaps([r.dst for r in rules], bits), proto,
         _port_field([None if p is None else p[0] for p in ports]),
-        _port_field([None if p is None else p[1] for p in ports]))
+        _port_field([None if p is None else p[1] for p in ports]),
+        tuple(r.proto is not None for r in rules), bits)
 
 
 Segment = Run | Classifier
@@ -564,9 +580,10 @@ def plan(rules: Sequence[Rule], family: int = 4, min_run: int = MIN_RUN,
     n = len(rules)
     i = 0
     pending = 0  # rules before i not yet handed to find_runs
-    fits = _Classifiable()
+    bits = 32 if family == 4 else 128
+    fits = _Classifiable(bits)
     while i < n:
-        if family != 4 or not fits(rules[i]):
+        if not fits(rules[i]):
             i += 1
             continue
         j = i
@@ -583,7 +600,7 @@ def plan(rules: Sequence[Rule], family: int = 4, min_run: int = MIN_RUN,
                 pending = i
                 while j - pending >= min_classifier:
                     end = min(j, pending + max_classifier)
-                    out.append(build_classifier(rules[pending:end], pending))
+                    out.append(build_classifier(rules[pending:end], pending, bits))
                     pending = end
         i = j
     out.extend(replace(r, start=r.start + pending) for r in find_runs(rules[pending:], min_run))

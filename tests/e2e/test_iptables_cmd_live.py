@@ -45,7 +45,9 @@ def real(ns: str, *args: str, family: int = 4) -> subprocess.CompletedProcess[st
 
 def ours(ns: str, *args: str, family: int = 4) -> subprocess.CompletedProcess[str]:
     tool = "bpfilter-iptables" if family == 4 else "bpfilter-ip6tables"
-    return subprocess.run([str(BIN / tool), "--netns", ns, *args], capture_output=True,
+    # -w: the lock is shared with every other bpfilter command on this machine (as the
+    # xtables lock is), so wait for it rather than fail when another test holds it.
+    return subprocess.run([str(BIN / tool), "-w", "--netns", ns, *args], capture_output=True,
                           text=True, timeout=TIMEOUT)
 
 
@@ -156,9 +158,14 @@ CASES = """\
 -V
 -t raw -S
 -t nat -S
--F f2b-new
--X
--F
+-Z -v
+-Z INPUT -v
+-A INPUT -j ACCEPT -W 1000
+-N x
+-X x -v
+-F f2b-new -v
+-X -v
+-F -v
 -S
 """
 

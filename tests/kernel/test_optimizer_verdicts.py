@@ -180,7 +180,7 @@ def _port_range(rng: random.Random) -> str:
     return rng.choice([f"{lo}:{hi}", str(lo), f"{lo}:"])
 
 
-def classifier_ruleset(seed: int) -> str:
+def classifier_ruleset(seed: int, family: int = 4) -> str:
     """ClassBench-shaped rules: prefixes, protocols, tcp/udp port ranges, terminal targets."""
     rng = random.Random(seed)
     rules = []
@@ -188,8 +188,8 @@ def classifier_ruleset(seed: int) -> str:
         parts = []
         for flag in ("-s", "-d"):
             if rng.random() < 0.8:
-                parts.append(f"{flag} {_prefix(rng, 4)}")
-        proto = rng.choice(["", "tcp", "tcp", "udp", "udp", "47"])
+                parts.append(f"{flag} {_prefix(rng, family)}")
+        proto = rng.choice(["", "tcp", "tcp", "udp", "udp", "47", "all"])
         if proto:
             parts.append(f"-p {proto}")
         if proto in ("tcp", "udp") and rng.random() < 0.8:
@@ -204,8 +204,8 @@ def classifier_ruleset(seed: int) -> str:
                       ":OUTPUT ACCEPT [0:0]", *rules, "COMMIT", ""])
 
 
-def classifier_packet(rng: random.Random) -> bytes:
-    proto = rng.choice([6, 6, 17, 17, 47, 1])
+def classifier_packet(rng: random.Random, family: int = 4) -> bytes:
+    proto = rng.choice([6, 6, 17, 17, 47, 1 if family == 4 else 58])
     sport, dport = rng.choice(PORTS), rng.choice(PORTS)
     if proto == 6:
         l4 = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 5 << 4, 0x02, 1024, 0, 0)
@@ -219,23 +219,32 @@ def classifier_packet(rng: random.Random) -> bytes:
         l4 = l4[:rng.choice([2, 6, 12])]  # too short for the tcp/udp match: hot drop
     elif kind < 0.2:
         frag = rng.choice([1, 1, 2, 100])  # a later fragment (offset 1: tcp's hot drop)
-    src = ipaddress.ip_address(_addr(rng, 4)).packed
-    dst = ipaddress.ip_address(_addr(rng, 4)).packed
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, frag, 64, proto, 0,
-                       src, dst) + l4
+    src = ipaddress.ip_address(_addr(rng, family)).packed
+    dst = ipaddress.ip_address(_addr(rng, family)).packed
+    if family == 4:
+        return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, frag, 64, proto, 0,
+                           src, dst) + l4
+    nexthdr = proto
+    if frag:  # a fragment header in front (offset in 8-byte units)
+        l4 = struct.pack("!BBHI", proto, 0, frag << 3, 7) + l4
+        nexthdr = 44
+    elif rng.random() < 0.1:  # a hop-by-hop header cut short: the walk fails
+        l4, nexthdr = b"", 0
+    return struct.pack("!IHBB16s16s", 6 << 28, len(l4), nexthdr, 64, src, dst) + l4
 
 
+@pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("seed", range(15))
-def test_classifier_and_linear_programs_agree(seed: int) -> None:
-    ruleset = parse_restore(classifier_ruleset(seed))
+def test_classifier_and_linear_programs_agree(seed: int, family: int) -> None:
+    ruleset = parse_restore(classifier_ruleset(seed, family), family=family)
     # Every third seed cuts the stretch into several classifiers, one after the other.
     most = 40 if seed % 3 == 0 else 1000
-    optimized = compile_ruleset(ruleset, 4, min_classifier=16, max_classifier=most)
+    optimized = compile_ruleset(ruleset, family, min_classifier=16, max_classifier=most)
     classifiers = [run for _, _, run, _ in optimized.lookups if isinstance(run, Classifier)]
     assert classifiers and all(len(c.rules) <= most for c in classifiers)
-    linear = compile_ruleset(ruleset, 4, optimize=False)
+    linear = compile_ruleset(ruleset, family, optimize=False)
     rng = random.Random(2000 + seed)
-    packets = [classifier_packet(rng) for _ in range(300)]
+    packets = [classifier_packet(rng, family) for _ in range(300)]
     got, got_counters = _verdicts(optimized, packets)
     want, want_counters = _verdicts(linear, packets)
     assert got == want

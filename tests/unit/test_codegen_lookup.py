@@ -161,9 +161,10 @@ def test_classifier_maps_are_sized_and_filled() -> None:
     assert len(dbits) == 4  # three intervals and "every rule"
     assert int.from_bytes(dbits[struct.pack("<I", 3)], "little") == (1 << 71) - 1
     acts = maps["cls0_acts"][1]
-    assert struct.unpack("<III", acts[struct.pack("<I", 1)]) == (10, 1, 1)
+    # flags: 1 the rule tests ports, 2 it has -p
+    assert struct.unpack("<III", acts[struct.pack("<I", 1)]) == (10, 1, 3)
     assert struct.unpack("<III", acts[struct.pack("<I", 70)]) == (79, 0, 0)
-    assert maps["cls0_proto"][0].max_entries == 512
+    assert maps["cls0_proto"][0].max_entries == 513
 
 
 def test_emit_classifier_scans_every_word_once() -> None:

@@ -82,10 +82,13 @@ def usage_error(argv: list[str], family: int = 4) -> CliExit:
     (["-AINPUT", "-jDROP"], CommandLine(command="-A", chain="INPUT", rulespec=("-j", "DROP"))),
     (["-E", "a", "b", "--netns", "ns1", "--json"],
      CommandLine(command="-E", chain="a", args=("b",), netns="ns1", json=True)),
-    (["-P", "INPUT", "DROP", "-W", "100000"], CommandLine(command="-P", chain="INPUT",
-                                                          args=("DROP",))),
+    (["-P", "INPUT", "DROP", "-w", "-W", "100000"], CommandLine(
+        command="-P", chain="INPUT", args=("DROP",), wait=math.inf,
+        warnings=("Ignoring deprecated --wait-interval option.",))),
     (["-L", "-Z"], CommandLine(command="-L", zero=True)),
     (["-4", "-D", "INPUT", "3"], CommandLine(command="-D", chain="INPUT", args=("3",))),
+    (["-A", "INPUT", "-c", "5", "10", "-j", "ACCEPT"],
+     CommandLine(command="-A", chain="INPUT", rulespec=("-c", "5", "10", "-j", "ACCEPT"))),
     (["-A", "INPUT", "-m", "comment", "--comment", "-n -v", "-j", "ACCEPT"],
      CommandLine(command="-A", chain="INPUT",
                  rulespec=("-m", "comment", "--comment", "-n -v", "-j", "ACCEPT"))),
@@ -124,6 +127,13 @@ def test_messages_that_iptables_ends_with_a_blank_line() -> None:
                      "directory\n\n" + TRY)
     e = usage_error(["-A", "INPUT", "-o", "eth0", "-j", "ACCEPT"])
     assert e.err == "iptables v1.8.9 (legacy): Can't use -o with INPUT\n\n" + TRY
+
+
+def test_wait_interval_needs_wait() -> None:
+    e = usage_error(["-A", "INPUT", "-j", "ACCEPT", "-W", "1000"])
+    assert e.err == ("Ignoring deprecated --wait-interval option.\n"
+                     "iptables v1.8.9 (legacy): --wait-interval only makes sense with --wait\n"
+                     "\n" + TRY)
 
 
 @pytest.mark.parametrize("argv", [["-F", "INPUT", "extra"], ["-N", "a", "b"],

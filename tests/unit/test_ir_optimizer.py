@@ -10,6 +10,8 @@ from bpfilter.ir.optimizer import (
     HOTDROP,
     NOMATCH,
     NORMAL,
+    PROTOERR,
+    Classifier,
     KeyField,
     Run,
     build_classifier,
@@ -180,10 +182,10 @@ PORTS = (0, 21, 22, 23, 1023, 1024, 65535)
 
 
 @st.composite
-def _cb_rules(draw: st.DrawFn) -> Rule:
-    src = draw(st.none() | _prefixes(32))
-    dst = draw(st.none() | _prefixes(32))
-    proto = draw(st.sampled_from([None, 6, 17, 47]))
+def _cb_rules(draw: st.DrawFn, bits: int = 32) -> Rule:
+    src = draw(st.none() | _prefixes(bits))
+    dst = draw(st.none() | _prefixes(bits))
+    proto = draw(st.sampled_from([None, 6, 17, 47, 0]))
     matches: tuple[Match, ...] = ()
     if proto in (6, 17) and draw(st.booleans()):
         opts = []
@@ -203,7 +205,9 @@ def _cb_linear(rules: list[Rule], src: int, dst: int, proto: int, sport: int, dp
             continue
         if r.dst is not None and not contains(r.dst, dst):
             continue
-        if r.proto is not None and r.proto != proto:
+        if klass == PROTOERR:  # ip6_packet_match: -p (even -p all) hot-drops
+            return k, r.proto is not None
+        if r.proto and r.proto != proto:
             continue
         if r.matches:
             if klass == HOTDROP:
@@ -224,17 +228,18 @@ def _cb_linear(rules: list[Rule], src: int, dst: int, proto: int, sport: int, dp
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.data())
-def test_classifier_gives_the_first_match(data: st.DataObject) -> None:
-    rules = data.draw(st.lists(_cb_rules(), min_size=1, max_size=150))
-    assert all(classifiable(r) for r in rules)
-    cls = build_classifier(rules)
+@given(st.data(), st.sampled_from([32, 128]))
+def test_classifier_gives_the_first_match(data: st.DataObject, bits: int) -> None:
+    rules = data.draw(st.lists(_cb_rules(bits), min_size=1, max_size=150))
+    assert all(classifiable(r, bits) for r in rules)
+    cls = build_classifier(rules, bits=bits)
     assert cls.words == (len(rules) + 63) // 64
+    classes = [NORMAL, NOMATCH, HOTDROP] + ([PROTOERR] if bits == 128 else [])
     for _ in range(20):
-        src, dst = data.draw(_packets(32)), data.draw(_packets(32))
+        src, dst = data.draw(_packets(bits)), data.draw(_packets(bits))
         proto = data.draw(st.sampled_from([6, 17, 47, 1]))
         sport, dport = data.draw(st.sampled_from(PORTS)), data.draw(st.integers(0, 65535))
-        klass = data.draw(st.sampled_from([NORMAL, NOMATCH, HOTDROP]))
+        klass = data.draw(st.sampled_from(classes))
         assert (cls.decide(src, dst, proto, sport, dport, klass)
                 == _cb_linear(rules, src, dst, proto, sport, dport, klass))
 
@@ -254,6 +259,7 @@ def test_classifiable_refuses_other_shapes() -> None:
                 Rule(src=prefix(1, 32), target=JUMP_X),
                 Rule(src=prefix(1 << 100, 64, 128), target=DROP)):
         assert not classifiable(bad), bad
+    assert classifiable(Rule(src=prefix(1 << 100, 64, 128), target=DROP), 128)
 
 
 def test_plan_prefers_one_single_field_run_and_cuts_classifiers() -> None:
@@ -265,7 +271,11 @@ def test_plan_prefers_one_single_field_run_and_cuts_classifiers() -> None:
     segs = plan([*_blocklist(5), counting, *mixed, counting, *mixed[:10]], min_run=4)
     assert [(type(s).__name__, s.start, s.stop) for s in segs] == [
         ("Run", 0, 5), ("Classifier", 6, 86), ("Run", 87, 97)]
-    assert plan(mixed, family=6, min_run=4) == find_runs(mixed, 4)
+    assert plan(mixed, family=6, min_run=4) == find_runs(mixed, 4)  # IPv4 rules
+    mixed6 = [Rule(src=prefix(k << 64, 64, 128), dst=prefix(k * 7, 120, 128), target=DROP)
+              for k in range(80)]
+    (cls,) = plan(mixed6, family=6, min_run=4)
+    assert isinstance(cls, Classifier) and cls.bits == 128
     # A long stretch: classifiers of at most max_classifier rules, a short tail stays linear.
     many = [Rule(src=prefix(k, 32), dst=prefix(k * 7, 24), target=DROP) for k in range(300)]
     segs = plan(many, max_classifier=100, min_run=4)
