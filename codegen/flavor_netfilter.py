@@ -32,6 +32,7 @@ from bpfilter.codegen.uapi import (
     IPS_DST_NAT,
     IPS_SRC_NAT,
     NFCT_INFOMASK,
+    PKT_TYPE_MAX,
     IpCtInfo,
     NfVerdict,
 )
@@ -54,7 +55,8 @@ PROTO = 112  # u32 IPv4 protocol / IPv6 upper-layer protocol after the extension
 FRAG = 116  # u32 fragment offset: IPv4 in 8-byte units (IP_OFFSET), IPv6 in bytes (& ~7)
 PROTO_ERROR = 120  # u32 IPv6: extension header walk failed; a rule with -p hot-drops
 IP_LEN = 124  # u32 xt_length's length: IPv4 tot_len, IPv6 payload_len + 40
-META_SIZE = 128
+PKT_TYPE = 128  # u32 skb->pkt_type (PacketType)
+META_SIZE = 136
 
 # --- the main frame: meta area, dynptr, scratch -----------------------------------------------
 META = -META_SIZE  # R7 = FP + META
@@ -98,6 +100,7 @@ class KField(enum.Enum):
     SKB_NFCT = ("sk_buff", "_nfct")
     SKB_LEN = ("sk_buff", "len")
     CT_STATUS = ("nf_conn", "status")
+    SKB_PKT_TYPE = ("sk_buff", "pkt_type")  # a bitfield starting on a byte (low bits)
 
     @property
     def struct(self) -> str:
@@ -164,11 +167,13 @@ class Needs:
     mark: bool = False
     conntrack: bool = False
     conntrack_nat: bool = False  # the SNAT/DNAT state bits: nf_conn.status is read too
+    pkt_type: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(self.devices or other.devices, self.mark or other.mark,
                      self.conntrack or other.conntrack,
-                     self.conntrack_nat or other.conntrack_nat)
+                     self.conntrack_nat or other.conntrack_nat,
+                     self.pkt_type or other.pkt_type)
 
 
 def _read(dst_off: int, size: Reg | int, offset: Reg | int) -> list[Item]:
@@ -360,6 +365,9 @@ def prologue(family: int, needs: Needs) -> list[Item]:
     ]
     if needs.mark:
         out += [FieldLoad(Size.W, R1, R8, KField.SKB_MARK), asm.stx(Size.W, R7, MARK, R1)]
+    if needs.pkt_type:
+        out += [FieldLoad(Size.B, R1, R8, KField.SKB_PKT_TYPE), asm.and64(R1, PKT_TYPE_MAX),
+                asm.stx(Size.W, R7, PKT_TYPE, R1)]
     if needs.conntrack or needs.conntrack_nat:
         out += _conntrack(needs.conntrack_nat)
     if needs.devices:

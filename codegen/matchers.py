@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from bpfilter.codegen import asm
 from bpfilter.codegen import flavor_netfilter as nf
 from bpfilter.codegen.asm import Label
-from bpfilter.codegen.insn import R1, R7, Reg
+from bpfilter.codegen.insn import R1, R2, R7, Reg
 from bpfilter.codegen.opcodes import Size
-from bpfilter.codegen.uapi import IFNAMSIZ, NfHook
+from bpfilter.codegen.uapi import IFNAMSIZ, NfHook, PacketType
 from bpfilter.ir.model import Match, PortRange, Prefix, Rule
 
 ALL_HOOKS = frozenset(NfHook)
@@ -343,6 +343,142 @@ def emit_length(em: Emitter, rule: Rule, m: Match | None) -> None:
     negatable(em, o.negated, test)
 
 
+def _addr_words(value: int, bits: int) -> list[int]:
+    """An address as host-order 32-bit words, most significant first."""
+    return [(value >> (bits - 32 * (i + 1))) & U32 for i in range(bits // 32)]
+
+
+def _addr_compare(em: Emitter, offset: int, bound: int, bits: int, op: str,
+                  on_false: str) -> None:
+    """``addr >= bound`` (op "ge") or ``addr <= bound`` (op "le"), comparing the address at
+    ``meta[offset:]`` word by word from the most significant one (iprange_ipv6_lt)."""
+    beyond, short = ("jgt", "jlt") if op == "ge" else ("jlt", "jgt")
+    words = _addr_words(bound, bits)
+    ok = em.label("range_ok")
+    for i, w in enumerate(words):
+        em.emit(asm.ldx(Size.W, R1, R7, offset + 4 * i), asm.to_be(R1, 32))
+        em.emit(asm.jmp32(short, R1, w, on_false))
+        if i + 1 < len(words):
+            em.emit(asm.jmp32(beyond, R1, w, ok))
+    em.emit(Label(ok))
+
+
+def emit_iprange(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # iprange_mt4 / iprange_mt6: lo <= addr <= hi in host order (never true when lo > hi).
+    assert m is not None
+    bits = 32 if em.family == 4 else 128
+    for name, v4_off, v6_off in (("--src-range", 12, 8), ("--dst-range", 16, 24)):
+        o = m.get(name)
+        if o is None:
+            continue
+        lo, hi = o.value
+        off = nf.L3 + (v4_off if em.family == 4 else v6_off)
+
+        def test(on_false: str, lo: int = lo, hi: int = hi, off: int = off) -> None:
+            if lo > hi:
+                em.emit(asm.ja(on_false))
+                return
+            if lo > 0:
+                _addr_compare(em, off, lo, bits, "ge", on_false)
+            if hi < (1 << bits) - 1:
+                _addr_compare(em, off, hi, bits, "le", on_false)
+
+        negatable(em, o.negated, test)
+
+
+TTL_OFFSET = 8  # iphdr.ttl
+HOP_LIMIT_OFFSET = 7  # ipv6hdr.hop_limit
+
+
+def emit_ttl(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # ttl_mt / hl_mt6: eq, ne (`! --ttl-eq`), lt and gt, as unsigned bytes.
+    assert m is not None
+    (o,) = m.options
+    value = int(o.value)
+    op = o.name.rsplit("-", 1)[1]
+    offset = nf.L3 + (TTL_OFFSET if em.family == 4 else HOP_LIMIT_OFFSET)
+
+    def test(on_false: str) -> None:
+        em.emit(asm.ldx(Size.B, R1, R7, offset))
+        em.emit(asm.jmp("jne" if op == "eq" else "jge" if op == "lt" else "jle",
+                        R1, value, on_false))
+
+    negatable(em, o.negated, test)
+
+
+def load_dsfield(em: Emitter, reg: Reg) -> None:
+    """The IPv4 TOS byte or the IPv6 traffic class (ipv6_get_dsfield)."""
+    if em.family == 4:
+        em.emit(asm.ldx(Size.B, reg, R7, nf.L3 + 1))
+        return
+    em.emit(asm.ldx(Size.H, reg, R7, nf.L3 + 0), asm.to_be(reg, 16),
+            asm.rsh64(reg, 4), asm.and64(reg, 0xFF))
+
+
+def emit_tos(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # tos_mt: (dsfield & mask) == value, the value unmasked (bits outside the mask never match).
+    assert m is not None
+    o = m.get("--tos")
+    assert o is not None
+    value, mask = o.value
+
+    def test(on_false: str) -> None:
+        if value & ~mask:
+            em.emit(asm.ja(on_false))
+            return
+        load_dsfield(em, R1)
+        em.emit(asm.and64(R1, mask), asm.jmp("jne", R1, value, on_false))
+
+    negatable(em, o.negated, test)
+
+
+DSCP_SHIFT = 2  # XT_DSCP_SHIFT
+
+
+def emit_dscp(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # dscp_mt / dscp_mt6: (dsfield >> XT_DSCP_SHIFT) == dscp.
+    assert m is not None
+    o = m.get("--dscp")
+    assert o is not None
+    value = int(o.value)
+
+    def test(on_false: str) -> None:
+        load_dsfield(em, R1)
+        em.emit(asm.rsh64(R1, DSCP_SHIFT), asm.jmp("jne", R1, value, on_false))
+
+    negatable(em, o.negated, test)
+
+
+PKT_TYPES = {"unicast": PacketType.HOST, "broadcast": PacketType.BROADCAST,
+             "multicast": PacketType.MULTICAST}  # libxt_pkttype's names
+IPV4_MULTICAST = 0xE0  # 224.0.0.0/4: the top four bits of the first address byte
+IPV4_CLASS_MASK = 0xF0
+
+
+def emit_pkttype(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # pkttype_mt: skb->pkt_type, except that PACKET_LOOPBACK counts as multicast for IPv6
+    # and for IPv4 to a multicast destination, and as broadcast for other IPv4.
+    assert m is not None
+    o = m.get("--pkt-type")
+    assert o is not None
+    wanted = PKT_TYPES[str(o.value)]
+
+    def test(on_false: str) -> None:
+        known = em.label("pkt_type")
+        em.emit(asm.ldx(Size.W, R1, R7, nf.PKT_TYPE),
+                asm.jmp("jne", R1, PacketType.LOOPBACK, known))
+        if em.family == 6:
+            em.emit(asm.mov64(R1, PacketType.MULTICAST))
+        else:
+            em.emit(asm.ldx(Size.B, R2, R7, nf.L3 + 16), asm.and64(R2, IPV4_CLASS_MASK),
+                    asm.mov64(R1, PacketType.BROADCAST),
+                    asm.jmp("jne", R2, IPV4_MULTICAST, known),
+                    asm.mov64(R1, PacketType.MULTICAST))
+        em.emit(Label(known), asm.jmp("jne", R1, wanted, on_false))
+
+    negatable(em, o.negated, test)
+
+
 def emit_nothing(em: Emitter, rule: Rule, m: Match | None) -> None:
     """comment: no code."""
 
@@ -416,6 +552,15 @@ MATCHERS: dict[str, Matcher] = {
         Matcher("state", emit_state, frozenset({"--state"}), needs=nf.Needs(conntrack=True)),
         Matcher("mark", emit_mark, frozenset({"--mark"}), needs=nf.Needs(mark=True)),
         Matcher("length", emit_length, frozenset({"--length"})),
+        Matcher("iprange", emit_iprange, frozenset({"--src-range", "--dst-range"})),
+        Matcher("ttl", emit_ttl, frozenset({"--ttl-eq", "--ttl-lt", "--ttl-gt"}),
+                families=frozenset({4})),
+        Matcher("hl", emit_ttl, frozenset({"--hl-eq", "--hl-lt", "--hl-gt"}),
+                families=frozenset({6})),
+        Matcher("tos", emit_tos, frozenset({"--tos"})),
+        Matcher("dscp", emit_dscp, frozenset({"--dscp"})),
+        Matcher("pkttype", emit_pkttype, frozenset({"--pkt-type"}),
+                needs=nf.Needs(pkt_type=True)),
         Matcher("comment", emit_nothing, frozenset({"--comment"})),
     )
 }

@@ -379,3 +379,17 @@ NFCT_INFOMASK = 7  # _nfct = (struct nf_conn *) | ctinfo
 IFNAMSIZ = 16  # net_device.name, NUL included
 IPS_SRC_NAT = 1 << 4  # enum ip_conntrack_status: nf_conn.status bits xt_conntrack reports
 IPS_DST_NAT = 1 << 5
+
+
+class PacketType(enum.IntEnum):
+    """``skb->pkt_type`` (linux/if_packet.h PACKET_*), a 3-bit field (PKT_TYPE_MAX)."""
+
+    HOST = 0
+    BROADCAST = 1
+    MULTICAST = 2
+    OTHERHOST = 3
+    OUTGOING = 4
+    LOOPBACK = 5
+
+
+PKT_TYPE_MAX = 7  # little-endian bitfield: pkt_type is the low 3 bits of its byte

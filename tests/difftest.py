@@ -70,12 +70,14 @@ NET6 = ipaddress.ip_network("2001:db8::/32")
 SETTLE = 0.03  # seconds without a new delivery after which a batch counts as complete
 
 # The compiled subset of iptgen's grammar, named one by one so that features iptgen gains
-# later stay out until someone adds them here.
+# later stay out until someone adds them here. pkttype is compared but never varied: every
+# probe arrives addressed to the receiver's own MAC (PACKET_HOST) or is sent locally.
 DIFF_FEATURES: frozenset[str] = frozenset({
     "src", "dst", "addr_mask", "addr_list", "iface", "iface_wildcard", "proto", "proto_num",
     "negation", "fragment",
     "tcp", "udp", "explicit_m_proto", "tcp_flags", "syn", "multiport", "icmp", "conntrack",
     "state", "comment", "comment_odd_chars", "comment_long", "mark", "length",
+    "iprange", "ttl", "tos", "dscp", "pkttype",
     "jump", "goto", "return", "no_target",
     "user_chains", "policy", "omit_builtin", "insert", "new_chain_cmd", "policy_cmd",
     "rule_counters", "file_comments", "family_prefix",
@@ -84,8 +86,8 @@ DIFF_FEATURES: frozenset[str] = frozenset({
 # or target marked "refused" (CompileError); move a feature to DIFF_FEATURES once it compiles.
 _REFUSED = "refused by bpfilter today"
 WITHHELD: dict[str, str] = {
-    **{f: _REFUSED for f in ("pkttype", "addrtype", "iprange", "mac", "ttl", "dscp", "tos",
-                             "connmark", "reject", "log", "nflog", "tcp_option", "owner")},
+    **{f: _REFUSED for f in ("addrtype", "mac", "connmark", "reject", "log", "nflog",
+                             "tcp_option", "owner")},
     "limit": f"{_REFUSED}; also timing dependent (token buckets)",
     "hashlimit": f"{_REFUSED}; also timing dependent (token buckets)",
     "statistic": "nth/random: counts packets across rules and time",

@@ -160,7 +160,7 @@ CASES = """\
 -t nat -S
 -Z -v
 -Z INPUT -v
--A INPUT -j ACCEPT -W 1000
+-w -A INPUT -j ACCEPT -W 1000
 -N x
 -X x -v
 -F f2b-new -v
