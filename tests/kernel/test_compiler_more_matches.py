@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import subprocess
+from collections.abc import Iterator
 
 import pytest
 
-from bpfilter import bpf, loader
+from bpfilter import bpf, loader, testbed
 from bpfilter.codegen.compiler import CompiledRuleset, compile_ruleset
 from bpfilter.codegen.uapi import NfHook, PacketType
 from bpfilter.grammar.iptables import parse_restore
@@ -215,3 +217,78 @@ def test_pkttype_at_local_out_is_host(family: int) -> None:
     rules = ("-A OUTPUT -m pkttype --pkt-type broadcast -j ACCEPT\n"
              "-A OUTPUT -m pkttype --pkt-type unicast -j DROP")
     assert run(rules, [packet], family, NfHook.LOCAL_OUT) == [DROP]
+
+
+# PACKET_LOOPBACK: a broadcast or multicast datagram a host sends is looped back to itself
+# (ip_mc_output / ip6_finish_output2 -> dev_loopback_xmit) and reaches LOCAL_IN with that
+# pkt_type; xt_pkttype calls it multicast for IPv6 and for an IPv4 multicast destination, and
+# broadcast for any other IPv4 one. Real traffic in a throwaway namespace (veth pair d0-d1).
+SEND_RECEIVE = """
+import socket, struct, sys
+family, dst, local, ifname = sys.argv[1:]
+af = socket.AF_INET if family == "4" else socket.AF_INET6
+r = socket.socket(af, socket.SOCK_DGRAM)
+r.bind(("0.0.0.0" if af == socket.AF_INET else "::", 5555))
+r.settimeout(0.3)
+s = socket.socket(af, socket.SOCK_DGRAM)
+if af == socket.AF_INET:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(local))
+    if dst.startswith("239."):
+        r.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                     socket.inet_aton(dst) + socket.inet_aton(local))
+elif dst.startswith("ff"):
+    index = socket.if_nametoindex(ifname)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+    r.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+                 socket.inet_pton(af, dst) + struct.pack("@I", index))
+s.sendto(b"pkttype", (dst, 5555))
+try:
+    r.recv(16)
+    print("delivered")
+except socket.timeout:
+    print("dropped")
+"""
+LOCAL4, LOCAL6 = "198.18.5.1", "2001:db8:5::1"
+LOOPED = [  # (family, destination, the type xt_pkttype sees at LOCAL_IN)
+    (4, "198.18.5.255", "broadcast"),
+    (4, "239.1.2.3", "multicast"),
+    (4, LOCAL4, "unicast"),
+    (6, "ff15::1234", "multicast"),
+    (6, LOCAL6, "unicast"),
+]
+
+
+def _ns(ns: str, *args: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, *args], check=True, capture_output=True,
+                          text=True, timeout=10).stdout.strip()
+
+
+@pytest.fixture
+def loop_ns() -> Iterator[str]:
+    ns = testbed.unique_name()
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in ("link set lo up", "link add d0 type veth peer name d1", "link set d0 up",
+                    "link set d1 up", f"addr add {LOCAL4}/24 brd + dev d0",
+                    f"-6 addr add {LOCAL6}/64 dev d0 nodad", "route add 224.0.0.0/4 dev d0"):
+            subprocess.run(["ip", "-n", ns, *cmd.split()], check=True)
+        yield ns
+    finally:
+        testbed.delete(ns)
+
+
+def _delivered(ns: str, family: int, dst: str) -> bool:
+    local = LOCAL4 if family == 4 else LOCAL6
+    return _ns(ns, "python3", "-c", SEND_RECEIVE, str(family), dst, local, "d0") == "delivered"
+
+
+def test_pkttype_of_looped_back_packets_follows_xt_pkttype(loop_ns: str) -> None:
+    for family, dst, kind in LOOPED:
+        assert _delivered(loop_ns, family, dst), dst
+        for name in PKT_NAMES:
+            for bang in ("", "! "):
+                rule = f"-A INPUT -p udp --dport 5555 -m pkttype {bang}--pkt-type {name} -j DROP"
+                with loader.load(compiled(rule, family), loop_ns, pin=False):
+                    got = _delivered(loop_ns, family, dst)
+                assert got == ((name == kind) == bool(bang)), (dst, rule)
