@@ -14,14 +14,16 @@ from bpfilter import __version__
 SUBCOMMANDS: tuple[str, ...] = ("demo", "translate", "flush", "status")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand, or with ``only`` that one (its module alone is
+    imported: some pull in the whole kernel layer, which a `translate` need not pay for)."""
     parser = argparse.ArgumentParser(
         prog="bpfilter",
         description="Compile iptables and nftables rulesets into eBPF programs.",
     )
     parser.add_argument("--version", action="version", version=f"bpfilter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name in (only,) if only is not None else SUBCOMMANDS:
         module = importlib.import_module(f"bpfilter.cmd_{name}")
         p = module.register(sub)
         p.set_defaults(_run=module.run)
@@ -29,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    first = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(first if first in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()

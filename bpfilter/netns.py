@@ -10,9 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add` bind-mounts named namespaces
 CLONE_NEWNET = 0x40000000  # linux/sched.h; setns(2) nstype for network namespaces
 CLONE_NEWNS = 0x00020000  # linux/sched.h; mount namespaces (only compared, never entered)
@@ -137,6 +134,10 @@ def current_name() -> str | None:
 def iproute(netns: str | None, what: str) -> Iterator[Any]:
     """An rtnetlink handle in ``netns``; pyroute2's NetlinkError comes out as OSError
     naming ``what`` was being asked."""
+    # pyroute2 costs ~0.13 s to import: only the netlink fallbacks need it, so not at start-up.
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     # The netlink socket belongs to the namespace it was opened in.
     with entered(netns):
         ipr = IPRoute()
