@@ -176,18 +176,23 @@ class Needs:
                      self.pkt_type or other.pkt_type)
 
 
-def _read(dst_off: int, size: Reg | int, offset: Reg | int) -> list[Item]:
-    """``r0 = bpf_dynptr_read(R7 + dst_off, size, &dynptr, offset, 0)``."""
+def _dynptr_read(dst: Reg, dst_off: int, size: Reg | int, offset: list[Item]) -> list[Item]:
+    """``r0 = bpf_dynptr_read(dst + dst_off, size, &dynptr, R4, 0)``; ``offset`` sets R4."""
     return [
-        asm.mov64(R1, R7),
+        asm.mov64(R1, dst),
         asm.add64(R1, dst_off),
         asm.mov64(R2, size),
         asm.mov64(R3, FP),
         asm.add64(R3, DYNPTR),
-        asm.mov64(R4, offset),
+        *offset,
         asm.mov64(R5, 0),
         asm.call_helper(BpfFunc.dynptr_read),
     ]
+
+
+def _read(dst_off: int, size: Reg | int, offset: Reg | int) -> list[Item]:
+    """``r0 = bpf_dynptr_read(R7 + dst_off, size, &dynptr, offset, 0)``."""
+    return _dynptr_read(R7, dst_off, size, [asm.mov64(R4, offset)])
 
 
 def _device(slot: int, which: KField) -> list[Item]:
@@ -338,17 +343,7 @@ def _ipv6_facts() -> list[Item]:
 
 def _read_scratch(size: int, at: int) -> list[Item]:
     """``bpf_dynptr_read(FP + SCRATCH + at, size, &dynptr, R9 + at, 0)``."""
-    return [
-        asm.mov64(R1, FP),
-        asm.add64(R1, SCRATCH + at),
-        asm.mov64(R2, size),
-        asm.mov64(R3, FP),
-        asm.add64(R3, DYNPTR),
-        asm.mov64(R4, R9),
-        asm.add64(R4, at),
-        asm.mov64(R5, 0),
-        asm.call_helper(BpfFunc.dynptr_read),
-    ]
+    return _dynptr_read(FP, SCRATCH + at, size, [asm.mov64(R4, R9), asm.add64(R4, at)])
 
 
 def prologue(family: int, needs: Needs) -> list[Item]:
