@@ -27,6 +27,7 @@ def _ruleset(accept: tuple[int, ...]) -> str:
     return f"*filter\n:INPUT DROP [0:0]\n-A INPUT -p icmp -j ACCEPT\n{rules}COMMIT\n"
 
 
+PACKETS_PER_SWAP = 4 * len(PORTS) * 4  # at least 16 packets of each flow
 RULESET_A = _ruleset((PORTS[0], PORTS[2]))
 RULESET_B = _ruleset((PORTS[1], PORTS[2]))
 
@@ -83,6 +84,12 @@ def test_stream_sees_old_or_new_ruleset_through_100_replacements(
             t.start()
         time.sleep(0.05)
         for i in range(SWAPS):
+            # Let the stream run between swaps, so every generation carries traffic whatever
+            # the relative speed of the sender and the swaps.
+            mark = len(sent) + PACKETS_PER_SWAP
+            deadline = time.monotonic() + 5
+            while len(sent) < mark and time.monotonic() < deadline:
+                time.sleep(0.001)
             _apply(RULESET_B if i % 2 == 0 else RULESET_A, pair.b)
         time.sleep(0.05)
     finally:
