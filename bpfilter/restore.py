@@ -32,6 +32,7 @@ TOOL = {4: "bpfilter-restore", 6: "bpfilter6-restore"}
 EXIT_OTHER = 1  # usage errors, unreadable input
 EXIT_RESOURCE = 4  # lock timeout, kernel refusal, no permission (iptables' RESOURCE_PROBLEM)
 LOCK_PATH = Path("/run/bpfilter/lock")
+LOCK_ENV = "BPFILTER_LOCK"  # another lock file (separate test runs on one machine)
 LOCK_POLL = 0.05
 
 
@@ -201,9 +202,12 @@ def _seconds(text: str | None, family: int) -> float:
 # --- the lock -------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def locked(wait: float | None, path: Path = LOCK_PATH) -> Iterator[None]:
-    """Serialise restores (and other state changes): flock on ``path``, waiting ``wait``
-    seconds (None: not at all, inf: for ever); CliExit with exit 4 when it stays taken."""
+def locked(wait: float | None, path: Path | None = None) -> Iterator[None]:
+    """Serialise restores (and other state changes): flock on ``path`` (default: $BPFILTER_LOCK
+    or /run/bpfilter/lock), waiting ``wait`` seconds (None: not at all, inf: for ever);
+    CliExit with exit 4 when it stays taken."""
+    if path is None:
+        path = Path(os.environ.get(LOCK_ENV) or LOCK_PATH)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

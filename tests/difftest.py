@@ -978,7 +978,7 @@ class IptablesBackend:
 
     def _restore(self, ns: str, text: str, family: int) -> None:
         tool = "ip6tables-legacy-restore" if family == 6 else "iptables-legacy-restore"
-        proc = subprocess.run(["ip", "netns", "exec", ns, tool], input=text, text=True,
+        proc = subprocess.run(["ip", "netns", "exec", ns, tool, "-w"], input=text, text=True,
                               capture_output=True, timeout=60)
         if proc.returncode != 0:
             raise HarnessError(f"{tool} refused a ruleset ({proc.returncode}): "
