@@ -39,9 +39,10 @@ from typing import NamedTuple
 
 from bpfilter.codegen import asm, lookup
 from bpfilter.codegen import flavor_netfilter as nf
+from bpfilter.codegen.actions import actions
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.insn import CALL, EXIT, R0, R1, R2, R7, Insn
-from bpfilter.codegen.matchers import HEADER, MATCHERS, Emitter, header_fields
+from bpfilter.codegen.matchers import ALL_HOOKS, HEADER, MATCHERS, Emitter, Resources, header_fields
 from bpfilter.codegen.opcodes import CLASS_MASK, OP_MASK, Class, JmpOp, PseudoCall
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import MAX_USED_MAPS, MapType, NfHook, NfPriority, NfProto, NfVerdict
@@ -64,6 +65,7 @@ PART_BRANCHES = 2048  # conditional branches per part of a built-in chain (verif
 COUNT_FUNC = "func:count"
 _JMP_CLASSES = (Class.JMP, Class.JMP32)
 MAIN_FUNC = "func:main"
+RESERVED_MAPS = 8  # of a program's MAX_USED_MAPS, kept for the maps of matches and targets
 
 HOOKS: dict[str, dict[str, NfHook]] = {
     "filter": {"INPUT": NfHook.LOCAL_IN, "FORWARD": NfHook.FORWARD, "OUTPUT": NfHook.LOCAL_OUT},
@@ -237,8 +239,13 @@ def _compile(ruleset: Ruleset, family: int, lookups: _Lookups) -> CompiledRulese
                 continue
             programs.append(_Program(table, chain, hook, family, numbering, lookups).build())
     counters = MapSpec(COUNTERS, MapType.PERCPU_ARRAY, 4, COUNTER_VALUE, max(1, len(index)))
-    return CompiledRuleset(family, tuple(programs), index, (counters, *lookups.specs),
-                           lookups.contents, tuple(lookups.made))
+    res = lookups.res
+    if len(res) > RESERVED_MAPS:
+        raise CompileError(tables[0].line if tables else 0, f"the ruleset needs {len(res)} maps "
+                           f"for its matches and targets; at most {RESERVED_MAPS} are supported")
+    return CompiledRuleset(family, tuple(programs), index,
+                           (counters, *lookups.specs, *res.all_specs()),
+                           {**lookups.contents, **res.contents}, tuple(lookups.made))
 
 
 # Rules lo+1..hi (positions), one rule or decided by a lookup.
@@ -262,6 +269,7 @@ class _Lookups:
     specs: list[MapSpec] = field(default_factory=list)
     contents: dict[str, tuple[tuple[bytes, bytes], ...]] = field(default_factory=dict)
     made: list[tuple[str, str, Run | Classifier, str]] = field(default_factory=list)
+    res: Resources = field(default_factory=Resources)  # maps of matches and targets
 
     def choose(self, tables: Sequence[Table]) -> None:
         """Plan every chain; when the runs need more maps than a program may use, keep the
@@ -272,7 +280,7 @@ class _Lookups:
         planned = [(t.name, c.name, run) for t in tables for c in t.chains
                    for run in plan(c.rules, self.family, self.min_run, self.min_classifier,
                                    self.max_classifier)]
-        budget = MAX_USED_MAPS - 1  # the counters take one
+        budget = MAX_USED_MAPS - 1 - RESERVED_MAPS  # the counters take one
         for t, c, run in sorted(planned, key=lambda x: -len(x[2].rules)):
             cost = 1 if isinstance(run, Run) else len(lookup.CLASSIFIER_MAPS)
             if cost <= budget:
@@ -349,7 +357,11 @@ def _check_chain(table: Table, chain: Chain, family: int) -> None:
                 raise CompileError(rule.line, f"chain '{t.name}' is not a user chain of "
                                    f"table '{table.name}'")
         else:
-            raise CompileError(rule.line, f"target '{t.name}' is not supported")
+            action = actions().get(t.name)
+            why = (f"target '{t.name}' is not supported" if action is None
+                   else action.refusal(t, family))
+            if why is not None:
+                raise CompileError(rule.line, why)
 
 
 _NO_MATCH = Match("")  # header fields have no options to check
@@ -374,6 +386,7 @@ class _Program:
     items: list[nf.Item] = field(default_factory=list)
     rule_labels: list[tuple[str, int]] = field(default_factory=list)
     funcs: list[tuple[str, str, nf.FuncKind]] = field(default_factory=list)
+    hook_ok: set[tuple[int, int]] = field(default_factory=set)  # (matches, target) ids checked
 
     def build(self) -> CompiledProgram:
         chains = self._reachable()
@@ -437,6 +450,29 @@ class _Program:
                 self._rule(chain, b, chain.rules[a], first + a, in_base)
             else:
                 self._run(chain, run, first, in_base)
+
+    def _emitter(self, prefix: str) -> Emitter:
+        return Emitter(self.family, prefix, f"{prefix}:next", f"{prefix}:hotdrop",
+                       res=self.lookups.res, table=self.table.name, hook=self.hook)
+
+    def _check_hook(self, rule: IrRule) -> None:
+        """Refuse a match or target the program's hook cannot run (a rule of a user chain is
+        checked at every hook that reaches it)."""
+        key = (id(rule.matches), id(rule.target))
+        if key in self.hook_ok:
+            return
+        for m in rule.matches:
+            matcher = MATCHERS[m.kind]
+            if matcher.hooks != ALL_HOOKS:
+                why = matcher.refusal(m, self.family, self.hook)
+                if why is not None:
+                    raise CompileError(rule.line, why)
+        t = rule.target
+        if t is not None and t.kind is TargetKind.EXTENSION:
+            why = actions()[t.name].refusal(t, self.family, self.hook)
+            if why is not None:
+                raise CompileError(rule.line, why)
+        self.hook_ok.add(key)
 
     def _function(self, label: str, btf_name: str, kind: nf.FuncKind) -> None:
         self.funcs.append((label, btf_name, kind))
@@ -522,7 +558,8 @@ class _Program:
         prefix = f"{chain.name}#{pos}"
         name = self.lookups.map_for(self.table.name, chain, run)
         rep = run.rules[0]
-        em = Emitter(self.family, prefix, f"{prefix}:next", f"{prefix}:hotdrop")
+        self._check_hook(rep)
+        em = self._emitter(prefix)
         if isinstance(run, Classifier):
             lookup.emit_classifier(em, run, {k: f"{name}_{k}" for k in lookup.CLASSIFIER_MAPS})
         else:
@@ -541,7 +578,7 @@ class _Program:
             other = f"{prefix}:action{a + 1}"
             if a < last:
                 em.emit(asm.jmp("jne", lookup.ACTION_REG, a, other))
-            em.emit(*_action(replace(rep, target=target), em.fail, in_base, f"{prefix}:{a}"))
+            _action(em, replace(rep, target=target), in_base, f"{prefix}:{a}")
             if a < last:
                 em.emit(Label(other))
         if em.used_hotdrop:
@@ -557,13 +594,14 @@ class _Program:
 
     def _rule(self, chain: Chain, pos: int, rule: IrRule, index: int, in_base: bool) -> None:
         prefix = f"{chain.name}#{pos}"
-        em = Emitter(self.family, prefix, f"{prefix}:next", f"{prefix}:hotdrop")
+        em = self._emitter(prefix)
+        self._check_hook(rule)
         for name in header_fields(rule):
             HEADER[name].emit(em, rule, None)
         for m in rule.matches:
             MATCHERS[m.kind].emit(em, rule, m)
         em.emit(*_count(index))
-        em.emit(*_action(rule, em.fail, in_base, prefix))
+        _action(em, rule, in_base, prefix)
         if em.used_hotdrop:
             em.emit(asm.ja(em.fail), Label(em.hotdrop),
                     *nf.verdict(NfVerdict.DROP, "hot drop (as iptables' hotdrop)"))
@@ -574,7 +612,7 @@ class _Program:
         self.items.extend(_annotate(em.items, f"line {rule.line}: {chain.name} rule {pos}"))
 
 
-def _action(rule: IrRule, next_rule: str, in_base: bool, prefix: str) -> list[nf.Item]:
+def _action(em: Emitter, rule: IrRule, in_base: bool, prefix: str) -> None:
     """The target, inside a part of the built-in chain (``in_base``) or a user chain.
 
     Called chains answer DROP, ACCEPT or CONTINUE (RETURN, or the end of the chain): a jump
@@ -584,20 +622,25 @@ def _action(rule: IrRule, next_rule: str, in_base: bool, prefix: str) -> list[nf
     """
     t = rule.target
     if t is None:
-        return []
+        return
     if t.kind is TargetKind.VERDICT:
         if t.name == "RETURN":
-            return nf.verdict(nf.RET_RETURN if in_base else nf.RET_CONTINUE, "RETURN")
-        return nf.verdict(VERDICT_TARGETS[t.name], t.name)
-    call: list[nf.Item] = [asm.mov64(R1, R7), asm.call_local(_func(t.name),
-                                                              comment=f"-> {t.name}")]
+            em.emit(*nf.verdict(nf.RET_RETURN if in_base else nf.RET_CONTINUE, "RETURN"))
+        else:
+            em.emit(*nf.verdict(VERDICT_TARGETS[t.name], t.name))
+        return
+    if t.kind is TargetKind.EXTENSION:
+        actions()[t.name].emit(em, rule, t)
+        return
+    em.emit(asm.mov64(R1, R7), asm.call_local(_func(t.name), comment=f"-> {t.name}"))
     if t.kind is TargetKind.JUMP:
-        return [*call, asm.jmp("jeq", R0, nf.RET_CONTINUE, next_rule), asm.exit_()]
-    if not in_base:
-        return [*call, asm.exit_()]
-    policy = f"{prefix}:goto_policy"
-    return [*call, asm.jmp("jeq", R0, nf.RET_CONTINUE, policy), asm.exit_(),
-            Label(policy), *nf.verdict(nf.RET_RETURN, "policy")]
+        em.emit(asm.jmp("jeq", R0, nf.RET_CONTINUE, em.fail), asm.exit_())
+    elif not in_base:
+        em.emit(asm.exit_())
+    else:
+        policy = f"{prefix}:goto_policy"
+        em.emit(asm.jmp("jeq", R0, nf.RET_CONTINUE, policy), asm.exit_(),
+                Label(policy), *nf.verdict(nf.RET_RETURN, "policy"))
 
 
 def _branch_cost(rule: IrRule) -> int:
@@ -623,6 +666,10 @@ def _needs(rules: Iterator[IrRule]) -> nf.Needs:
         if rule.iif is not None or rule.oif is not None or rule.fragment is not None:
             for name in header_fields(rule):
                 needs |= HEADER[name].needs
+        t = rule.target
+        if t is not None and t.kind is TargetKind.EXTENSION and id(t) not in seen:
+            seen.add(id(t))
+            needs |= actions()[t.name].needs
         if id(rule.matches) in seen:
             continue
         seen.add(id(rule.matches))

@@ -9,7 +9,7 @@ Semantics follow the kernel's ip(6)_packet_match and the xt_* match functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from bpfilter.codegen import asm
@@ -17,7 +17,8 @@ from bpfilter.codegen import flavor_netfilter as nf
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.insn import R1, R2, R7, Reg
 from bpfilter.codegen.opcodes import Size
-from bpfilter.codegen.uapi import IFNAMSIZ, NfHook, PacketType
+from bpfilter.codegen.spec import MapSpec
+from bpfilter.codegen.uapi import IFNAMSIZ, MapType, NfHook, PacketType
 from bpfilter.ir.model import Match, PortRange, Prefix, Rule
 
 ALL_HOOKS = frozenset(NfHook)
@@ -34,20 +35,78 @@ CT_SNAT_DNAT = nf.CT_SNAT | nf.CT_DNAT  # XT_CONNTRACK_STATE_SNAT / _DNAT
 
 
 @dataclass(slots=True)
+class Resources:
+    """Maps shared by the matches and targets of one compiled ruleset (all its programs):
+    declared by name while emitting, created by the loader with the lookup maps.
+
+    ``slot`` hands out indices of ARRAY maps holding one zeroed value per key (per-rule
+    state such as a token bucket); such a map is sized to its keys when the ruleset is done.
+    """
+
+    specs: dict[str, MapSpec] = field(default_factory=dict)
+    contents: dict[str, tuple[tuple[bytes, bytes], ...]] = field(default_factory=dict)
+    slots: dict[str, dict[Hashable, int]] = field(default_factory=dict)
+    slot_sizes: dict[str, int] = field(default_factory=dict)
+
+    def shared(self, spec: MapSpec, contents: Sequence[tuple[bytes, bytes]] = ()) -> str:
+        """Declare ``spec`` once (a later declaration must be equal); returns its name."""
+        known = self.specs.get(spec.name)
+        if known is None:
+            if spec.name in self.slots:
+                raise ValueError(f"map {spec.name!r} is already a slot map")
+            self.specs[spec.name] = spec
+            if contents:
+                self.contents[spec.name] = tuple(contents)
+        elif known != spec:
+            raise ValueError(f"map {spec.name!r} declared twice differently")
+        return spec.name
+
+    def slot(self, map_name: str, value_size: int, key: Hashable) -> int:
+        """The index of ``key`` in the ARRAY map ``map_name`` (same key, same index)."""
+        if map_name in self.specs:
+            raise ValueError(f"map {map_name!r} is already declared")
+        size = self.slot_sizes.setdefault(map_name, value_size)
+        if size != value_size:
+            raise ValueError(f"slot map {map_name!r} has {size}-byte values, not {value_size}")
+        keys = self.slots.setdefault(map_name, {})
+        return keys.setdefault(key, len(keys))
+
+    def all_specs(self) -> list[MapSpec]:
+        """Every map declared so far, slot maps sized to their keys."""
+        out = list(self.specs.values())
+        out.extend(MapSpec(name, MapType.ARRAY, 4, self.slot_sizes[name], len(keys))
+                   for name, keys in self.slots.items())
+        return out
+
+    def __len__(self) -> int:
+        return len(self.specs) + len(self.slots)
+
+
+@dataclass(slots=True)
 class Emitter:
-    """Collects one rule's test code; hands out unique labels."""
+    """Collects one rule's test code; hands out unique labels and per-rule state slots."""
 
     family: int
-    prefix: str  # unique per rule in the program
+    prefix: str  # unique per rule in the table (the same wherever the chain is emitted)
     fail: str  # label after the rule: the rule does not match
     hotdrop: str  # label of `r0 = DROP; exit` for this rule
     items: list[nf.Item] = field(default_factory=list)
     used_hotdrop: bool = False
     _count: int = 0
+    res: Resources = field(default_factory=Resources)
+    table: str = "filter"
+    hook: NfHook | None = None
+    _states: dict[str, int] = field(default_factory=dict)
 
     def label(self, what: str) -> str:
         self._count += 1
         return f"{self.prefix}:{what}{self._count}"
+
+    def state(self, map_name: str, value_size: int) -> int:
+        """This rule's slot in the shared ARRAY map ``map_name``: keyed by table, rule and
+        call order, so a rule has one state wherever its chain is called from."""
+        n = self._states[map_name] = self._states.get(map_name, 0) + 1
+        return self.res.slot(map_name, value_size, (self.table, self.prefix, n))
 
     def emit(self, *items: nf.Item) -> None:
         self.items.extend(items)

@@ -37,6 +37,10 @@ from bpfilter.ir.model import Match, PortRange, Prefix, Rule, Target, TargetKind
 MIN_RUN = 32
 MAX_ACTIONS = 8  # distinct targets a run may mix (the code dispatches on the action number)
 _TERMINAL_VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN"})
+# Matches that keep state per rule (token buckets, counters, lists): two rules never share
+# one, so rules using them stay out of runs and classifiers.
+STATEFUL_MATCHES = frozenset({"limit", "hashlimit", "recent", "statistic", "connlimit",
+                              "quota", "set"})
 
 
 class KeyField(enum.Enum):
@@ -196,6 +200,7 @@ def _shapes(rules: Sequence[Rule]) -> dict[KeyField, list[tuple[object, ...] | N
     out: dict[KeyField, list[tuple[object, ...] | None]] = {f: [None] * n for f in KeyField}
     src, dst, proto = out[KeyField.SRC], out[KeyField.DST], out[KeyField.PROTO]
     term: dict[int, bool] = {}
+    stateless: dict[int, bool] = {}  # id of a matches tuple -> no stateful match in it
     contiguous: dict[int, bool] = {}  # mask -> contiguous (a chain's prefixes share a width)
     for i, r in enumerate(rules):
         t = r.target
@@ -204,6 +209,13 @@ def _shapes(rules: Sequence[Rule]) -> dict[KeyField, list[tuple[object, ...] | N
             ok = term[id(t)] = terminal(t)
         if not ok:
             continue
+        if r.matches:
+            ok = stateless.get(id(r.matches))
+            if ok is None:
+                ok = stateless[id(r.matches)] = not any(
+                    m.kind in STATEFUL_MATCHES for m in r.matches)
+            if not ok:
+                continue
         p = r.src
         if p is not None and not r.src_neg and (
                 contiguous[p.mask] if p.mask in contiguous
