@@ -525,6 +525,8 @@ class _Program:
             for rule in chain.rules:
                 t = rule.target
                 if t is None or t.kind not in (TargetKind.JUMP, TargetKind.GOTO):
+                    if _unconditional_verdict(rule):
+                        break  # later rules are dead: iptables does not look at them either
                     continue
                 if t.name in on_path:
                     raise CompileError(rule.line, f"jump to chain '{t.name}' creates a loop")
@@ -641,6 +643,15 @@ def _action(em: Emitter, rule: IrRule, in_base: bool, prefix: str) -> None:
         policy = f"{prefix}:goto_policy"
         em.emit(asm.jmp("jeq", R0, nf.RET_CONTINUE, policy), asm.exit_(),
                 Label(policy), *nf.verdict(nf.RET_RETURN, "policy"))
+
+
+def _unconditional_verdict(rule: IrRule) -> bool:
+    """A rule no packet gets past: ACCEPT, DROP or RETURN with no test at all. The kernel's
+    loop check (mark_source_chains) stops walking a chain there, so loops and bad jumps
+    behind it load in iptables; here they are dead code."""
+    t = rule.target
+    return (t is not None and t.kind is TargetKind.VERDICT and not rule.matches
+            and not header_fields(rule))
 
 
 def _branch_cost(rule: IrRule) -> int:

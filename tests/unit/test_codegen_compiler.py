@@ -186,6 +186,17 @@ def test_loops_are_refused() -> None:
         compile_ruleset(loop)
 
 
+def test_loop_behind_an_unconditional_verdict_is_dead_code() -> None:
+    """iptables loads a loop that only rules after an unconditional ACCEPT/DROP/RETURN
+    close (mark_source_chains stops there); those rules never run, so no code calls them."""
+    text = filter_table("-A INPUT -j A\n-A A -j RETURN\n-A A -j B\n-A B -j DROP\n-A B -j A",
+                        chains="A B")
+    compiled = compile_text(text)
+    (program,) = compiled.programs
+    calls = {it.ref for it in program.items if isinstance(it, Insn) and it.ref is not None}
+    assert "chain:A" in calls and "chain:B" not in calls
+
+
 def test_jump_to_a_missing_chain_is_refused() -> None:
     with pytest.raises(CompileError, match="chain 'NOPE' is not a user chain"):
         compile_ruleset(_ruleset((_jump(3, "NOPE"),)))
