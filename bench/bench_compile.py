@@ -2,13 +2,13 @@
 
 Usage: .venv/bin/python bench/bench_compile.py [--large N] [--packets N] [--repeat N] (root)
 
-For blocklists of ``/32`` source rules and of random prefixes (/8../32, overlapping, mixed
-ACCEPT/DROP), builds the ruleset IR, then times compile_ruleset (IR -> instructions and map
-contents) and load_programs (maps created and filled, program verified and loaded), best and
-median of ``--runs``; then runs
-random packets (half of them sources taken from the rules) through BPF_PROG_TEST_RUN, each
-``--repeat`` times, and records the kernel's mean ns per run. The linear program (optimizer
-off) is measured too where it still loads. Writes bench/results/compile.json.
+For blocklists of ``/32`` source rules, of random prefixes (/8../32, overlapping, mixed
+ACCEPT/DROP) and of random ``/24`` source rules (see KINDS), builds the ruleset IR, then times
+compile_ruleset (IR -> instructions and map contents) and load_programs (maps created and
+filled, program verified and loaded), best and median of ``--runs``; then runs random packets
+(half of them sources taken from the rules) through BPF_PROG_TEST_RUN, each ``--repeat``
+times, and records the kernel's mean ns per run. The linear program (optimizer off) is
+measured too where it still loads. Writes bench/results/compile.json.
 """
 
 from __future__ import annotations
@@ -40,18 +40,26 @@ TARGET_COMPILE_S = 0.3
 LINEAR_MAX = 10_000  # larger linear programs hit the verifier's limits or take minutes
 
 
+# host: /32 DROPs; prefix: /8../32 overlapping, mixed targets (the many rules inside an earlier
+# /8 are shadowed and cost no table entry); net24: /24 DROPs (a trie entry each).
+KINDS = ("host", "prefix", "net24")
+
+
 def _dotted(n: int) -> str:
     return f"{n >> 24}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
 
 
 def blocklist(n: int, kind: str, rng: random.Random) -> tuple[str, list[int]]:
-    """Restore text and the rules' addresses: ``/32`` DROPs, or prefixes with mixed targets."""
+    """Restore text and the rules' addresses for one of KINDS."""
     lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
     addrs = []
     for _ in range(n):
         addr = rng.getrandbits(32)
         if kind == "host":
             lines.append(f"-A INPUT -s {_dotted(addr)}/32 -j DROP")
+        elif kind == "net24":  # distinct-looking /24s, rarely nested: every one a trie entry
+            addr &= 0xFFFFFF00
+            lines.append(f"-A INPUT -s {_dotted(addr)}/24 -j DROP")
         else:
             length = rng.choice((8, 12, 16, 20, 24, 24, 28, 32, 32, 32))
             addr &= (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     rows = []
-    for kind in ("host", "prefix"):
+    for kind in KINDS:
         for n in (args.small, args.large):
             rng = random.Random(SEED + n)
             text, addrs = blocklist(n, kind, rng)
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(best of {args.runs}), "
                       f"{row['instructions']} insns", flush=True)
     verdicts = {}
-    for kind in ("host", "prefix"):
+    for kind in KINDS:
         small = next(r for r in rows if r["kind"] == kind and r["rules"] == args.small
                      and r["optimize"])
         large = next(r for r in rows if r["kind"] == kind and r["rules"] == args.large

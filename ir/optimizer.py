@@ -132,9 +132,20 @@ class Run:
 
     @functools.cached_property
     def exact(self) -> bool:
-        """True when the keys are exact: protocols, or only full-length prefixes (a hash
-        table then serves, cheaper to fill and to search than a trie)."""
-        return not self.field.is_prefix or all(n == self.bits for _, n, _ in self.entries)
+        """True when the keys are exact: protocols, ports, names, or prefixes all of one
+        length (the packet's address masked to it is the key): a hash table then serves,
+        cheaper to fill and to search than a trie (a trie of 100,000 /24s costs twice the
+        lookup time of a hash of them)."""
+        if not self.field.is_prefix:
+            return True
+        n = self.entries[0][1]
+        return all(e[1] == n for e in self.entries)
+
+    @property
+    def key_length(self) -> int:
+        """The prefix length of every key of an exact prefix run."""
+        assert self.field.is_prefix and self.exact
+        return self.entries[0][1]
 
     def first_match(self, key: int) -> int | None:
         """Rule k (0-based in the run) the table answers for a packet's key, or None: the
@@ -311,7 +322,10 @@ def build_run(rules: Sequence[Rule], field: KeyField, start: int = 0) -> Run:
 
 
 def first_containing(prefixes: Sequence[Prefix], bits: int) -> tuple[tuple[int, int, int], ...]:
-    """For each distinct prefix Q: (Q.addr, len Q, lowest k such that prefixes[k] contains Q).
+    """For each distinct prefix Q: (Q.addr, len Q, lowest k such that prefixes[k] contains Q),
+    leaving out a Q whose answer equals that of its longest stored proper ancestor: the
+    longest-prefix lookup then lands on the ancestor and answers the same rule (rules
+    shadowed by an earlier, wider prefix cost no table entry).
 
     Only the prefix lengths present are probed, so a blocklist of /32s costs one dictionary
     probe per rule.
@@ -325,19 +339,27 @@ def first_containing(prefixes: Sequence[Prefix], bits: int) -> tuple[tuple[int, 
             firsts[p.addr] = k
     lengths = sorted((prefix_length(Prefix(0, mask, bits)), mask) for mask in by_mask)
     out: list[tuple[int, int, int]] = []
-    for i, (n, mask) in enumerate(lengths):
+    answers: list[tuple[int, dict[int, int]]] = []  # shorter masks -> addr -> answer, longest first
+    for n, mask in lengths:
         assert n is not None
-        shorter = [(m, by_mask[m]) for _, m in lengths[:i]]
-        if not shorter:  # the shortest length present (the only one in a host blocklist)
-            out.extend((addr, n, k) for addr, k in by_mask[mask].items())
+        firsts = by_mask[mask]
+        if not answers:  # the shortest length present (the only one in a host blocklist)
+            out.extend((addr, n, k) for addr, k in firsts.items())
+            answers.append((mask, firsts))
             continue
-        for addr, k in by_mask[mask].items():
-            best = k
-            for m, firsts in shorter:
-                j = firsts.get(addr & m)
-                if j is not None and j < best:
-                    best = j
-            out.append((addr, n, best))
+        mine: dict[int, int] = {}
+        for addr, k in firsts.items():
+            # The longest ancestor's answer already is the lowest rule over all ancestors.
+            parent = None
+            for m, shorter in answers:
+                parent = shorter.get(addr & m)
+                if parent is not None:
+                    break
+            best = k if parent is None or k < parent else parent
+            mine[addr] = best
+            if best != parent:
+                out.append((addr, n, best))
+        answers.insert(0, (mask, mine))
     return tuple(out)
 
 

@@ -270,6 +270,27 @@ def test_ipv6_matches(rules: str, packet: bytes, expected: int) -> None:
     assert verdict(rules, packet, family=6) == expected
 
 
+# Every header and match case again at the other hooks of the filter and raw tables: they
+# read nothing that differs between hooks in a test run (the devices, which do, are tested
+# below), so each must give the verdict it gives at INPUT. -o is refused at PREROUTING and
+# -i at OUTPUT, so interface cases stay at INPUT.
+OTHER_HOOKS = [("filter", "FORWARD", NfHook.FORWARD), ("filter", "OUTPUT", NfHook.LOCAL_OUT),
+               ("raw", "PREROUTING", NfHook.PRE_ROUTING), ("raw", "OUTPUT", NfHook.LOCAL_OUT)]
+HOOK_CASES = [(family, *case) for family, cases in ((4, CASES4), (6, CASES6))
+              for case in cases if not re.search(r" -[io] ", case[0])]
+
+
+@pytest.mark.parametrize(("family", "rules", "packet", "expected"), HOOK_CASES,
+                         ids=[f"{c[0]}:{i}:{c[1][9:]}" for i, c in enumerate(HOOK_CASES)])
+def test_matches_at_every_hook(family: int, rules: str, packet: bytes, expected: int) -> None:
+    assert rules.startswith("-A INPUT ")
+    for table, chain, hook in OTHER_HOOKS:
+        compiled = ruleset(f"-A {chain} " + rules[len("-A INPUT "):], family=family,
+                           table=table)
+        got = loader.test_run(compiled, hook, packet, family=family, table=table)
+        assert got == expected, (table, chain)
+
+
 # The kernel's test run picks the devices by its default hook, LOCAL_OUT, before it copies
 # the hook from the context (verify_and_copy_hook_state, Linux 6.18): whatever the hook, the
 # output device is the loopback device and there is no input device.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +34,9 @@ RETURN = Target(TargetKind.VERDICT, "RETURN")
 GOTO_X = Target(TargetKind.GOTO, "X")
 JUMP_X = Target(TargetKind.JUMP, "X")
 TCP22 = Match("tcp", (Option("--dport", PortRange(22, 22)),))
+
+
+U32 = 0xFFFFFFFF
 
 
 def prefix(addr: int, length: int, bits: int = 32) -> Prefix:
@@ -105,12 +110,31 @@ def test_overlapping_prefixes_keep_the_first_rule() -> None:
     net = 0x0A00_0000
     prefixes = [prefix(net, 8), prefix(net | 0x0101_00, 24), prefix(0x0B00_0000, 16)]
     table = {(a, n): k for a, n, k in first_containing(prefixes, 32)}
-    assert table == {(net, 8): 0, (net | 0x0101_00, 24): 0, (0x0B00_0000, 16): 2}
+    # The /24 would answer rule 0 like the /8 around it: no entry of its own.
+    assert table == {(net, 8): 0, (0x0B00_0000, 16): 2}
     # Reversed order: the longer prefix comes first and wins inside itself only.
     table = {(a, n): k for a, n, k in first_containing(prefixes[1::-1], 32)}
     assert table == {(net | 0x0101_00, 24): 0, (net, 8): 1}
     # A duplicate prefix keeps its first rule.
     assert first_containing([prefix(net, 8), prefix(net, 8)], 32) == ((net, 8, 0),)
+
+
+def test_first_containing_agrees_with_a_linear_search() -> None:
+    """Random overlapping prefixes: the longest stored prefix answers the first rule whose
+    prefix contains the address (or nothing), with shadowed prefixes left out."""
+    rng = random.Random(7)
+    for _ in range(50):
+        prefixes = []
+        for _ in range(rng.randrange(1, 60)):
+            n = rng.choice((0, 1, 2, 4, 8, 9, 16, 24, 31, 32))
+            prefixes.append(prefix(rng.getrandbits(32) & (U32 << (32 - n)) & U32, n))
+        entries = first_containing(prefixes, 32)
+        assert len({(a, n) for a, n, _ in entries}) == len(entries)
+        for _ in range(200):
+            addr = rng.choice(prefixes).addr | rng.getrandbits(32 - rng.choice((0, 8, 24, 32)))
+            want = next((k for k, p in enumerate(prefixes) if addr & p.mask == p.addr), None)
+            hits = [(n, k) for a, n, k in entries if n == 0 or addr >> (32 - n) == a >> (32 - n)]
+            assert (max(hits)[1] if hits else None) == want, (prefixes, addr)
 
 
 def _blocklist(n: int, **kw: object) -> list[Rule]:
