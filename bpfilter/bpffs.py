@@ -70,6 +70,10 @@ def parse_mountinfo(text: str) -> list[tuple[Path, str]]:
 
 def find() -> Path | None:
     """Mount point of a bpffs visible to this process (``/sys/fs/bpf`` preferred), or None."""
+    if is_bpffs(DEFAULT_MOUNT):
+        # The usual answer, from one statfs instead of parsing mountinfo (a command asks
+        # for every pin it touches).
+        return DEFAULT_MOUNT
     with open("/proc/self/mountinfo") as f:
         points = [p for p, fstype in parse_mountinfo(f.read()) if fstype == "bpf"]
     if not points:

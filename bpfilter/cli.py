@@ -11,7 +11,8 @@ from bpfilter import __version__
 
 # Each subcommand lives in its own module `bpfilter.cmd_<name>` exposing
 # `register(subparsers) -> argparse.ArgumentParser` and `run(args) -> int`.
-SUBCOMMANDS: tuple[str, ...] = ("demo", "translate", "flush", "status")
+SUBCOMMANDS: tuple[str, ...] = ("demo", "translate", "flush", "status", "log", "attach",
+                               "responder", "set")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

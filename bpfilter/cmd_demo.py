@@ -4,18 +4,22 @@ namespace and show real packets getting iptables' verdicts."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from bpfilter import loader, testbed
+from bpfilter import loader, netns, responder, testbed
 from bpfilter.codegen.compiler import compile_ruleset
 from bpfilter.grammar.iptables import parse_restore
 from bpfilter.ir.iptables_save import to_iptables_save
 
 # A small host firewall: default DROP, loopback and replies allowed, pings from the
-# benchmarking range, one UDP service, SSH through a user chain that only admits one host.
+# benchmarking range, one UDP service, one UDP port REJECTed (the sender hears "port
+# unreachable" at once), SSH through a user chain that only admits one host.
 EXAMPLE = """\
 *filter
 :INPUT DROP [0:0]
@@ -26,6 +30,7 @@ EXAMPLE = """\
 -A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 -A INPUT -s 198.18.0.0/15 -p icmp -m icmp --icmp-type echo-request -j ACCEPT
 -A INPUT -p udp -m udp --dport 5353 -j ACCEPT
+-A INPUT -p udp -m udp --dport 5356 -j REJECT --reject-with icmp-port-unreachable
 -A INPUT -p tcp -m tcp --dport 22 -j SSH
 -A SSH -s 198.19.255.254/32 -j ACCEPT
 -A SSH -j DROP
@@ -33,6 +38,7 @@ COMMIT
 """
 SERVICE_PORT = 5353
 CLOSED_PORT = 5354
+REJECTED_PORT = 5356
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
     say: Callable[[str], None] = (lambda s: None) if args.json else print
     steps: list[Step] = []
 
-    def check(what: str, expected: bool, observed: bool) -> None:
+    def check(what: str, expected: bool, observed: bool,
+              words: tuple[str, str] = ("delivered", "dropped")) -> None:
         steps.append(Step(what, expected, observed))
         mark = "ok  " if expected == observed else "FAIL"
-        say(f"  [{mark}] {what}: {'delivered' if observed else 'dropped'}")
+        say(f"  [{mark}] {what}: {words[0] if observed else words[1]}")
 
     ruleset = parse_restore(EXAMPLE, filename="<demo>")
     say("ruleset (canonical iptables-save form):")
@@ -85,13 +92,15 @@ def run(args: argparse.Namespace) -> int:
         say("before loading:")
         check(f"udp to closed port {CLOSED_PORT}", True,
               testbed.udp_reaches(src, dst, addr, CLOSED_PORT))
-        with loader.load(compiled, netns=dst) as handle:
+        with loader.load(compiled, netns=dst) as handle, _responder(dst):
             say(f"loaded into {dst}:")
             check("ping (echo-request from 198.18.0.0/15)", True, testbed.ping(src, addr, count=2))
             check(f"udp to port {SERVICE_PORT}", True,
                   testbed.udp_reaches(src, dst, addr, SERVICE_PORT))
             check(f"udp to closed port {CLOSED_PORT} (policy DROP)", False,
                   testbed.udp_reaches(src, dst, addr, CLOSED_PORT))
+            check(f"udp to port {REJECTED_PORT} (REJECT)", True,
+                  _refused(src, addr, REJECTED_PORT), ("port unreachable", "no answer"))
             for (table, chain, position), (packets, nbytes) in sorted(handle.counters().items()):
                 where = "policy" if position == 0 else f"rule {position}"
                 counters[f"{table}/{chain}/{where}"] = (packets, nbytes)
@@ -112,3 +121,29 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("demo passed" if ok else "demo FAILED: a packet did not get the expected verdict")
     return 0 if ok else 1
+
+
+@contextlib.contextmanager
+def _responder(ns: str) -> Iterator[None]:
+    """REJECT's responder in ``ns`` while the ruleset is loaded."""
+    responder.sync(ns)
+    try:
+        yield
+    finally:
+        responder.stop(ns)
+
+
+def _refused(ns_from: str, addr: str, port: int, timeout: float = 1.0) -> bool:
+    """True when a UDP datagram from ``ns_from`` to ``addr``:``port`` is answered with ICMP
+    port unreachable (the connected socket's next receive fails with ECONNREFUSED)."""
+    with netns.entered(ns_from):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(timeout)
+        s.connect((addr, port))
+        s.send(b"bpfilter-demo")
+        try:
+            s.recv(100)
+        except OSError as e:
+            return e.errno == errno.ECONNREFUSED
+    return False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bpfilter import bpf, bpffs, netns, state
+from bpfilter import bpf, bpffs, ifattach, netns, responder, state
 from bpfilter.restore import CliExit, locked
 
 
@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
         if args.netns is not None:
             netns.check_name(args.netns)
         with locked(args.wait):
+            detached = ifattach.remove_all(args.netns)
             removed = state.flush(args.netns)
+            responder.stop(args.netns)
     except CliExit as e:
         sys.stderr.write(e.err)
         return e.code
@@ -38,4 +40,6 @@ def run(args: argparse.Namespace) -> int:
         return 4
     for key in removed:
         print(f"removed {key.prefix}")
+    for attached in detached:
+        print(f"removed {attached}")
     return 0

@@ -8,13 +8,17 @@ from typing import Any
 
 from bpfilter.codegen import flavor_netfilter as nf
 from bpfilter.codegen.compiler import CompiledRuleset, CompileError, compile_ruleset
+from bpfilter.codegen.flavor_packet import DEFAULT_CHAIN, IfTarget
 from bpfilter.codegen.link import link
+from bpfilter.codegen.uapi import IfHook
 from bpfilter.grammar.errors import ParseError
 from bpfilter.grammar.iptables import parse_restore
 from bpfilter.ir.iptables_save import to_iptables_save
 from bpfilter.ir.json import iter_json
 from bpfilter.ir.model import Ruleset
 from bpfilter.ir.optimizer import explain
+
+_IF_HOOKS = {"xdp": IfHook.XDP, "tc-ingress": IfHook.TC_INGRESS, "tc-egress": IfHook.TC_EGRESS}
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,6 +36,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    "each rule's code marked with its input line")
     p.add_argument("--explain", action="store_true",
                    help="instead, list which rules the optimizer turned into which lookups")
+    p.add_argument("--hook", choices=tuple(_IF_HOOKS), default=None,
+                   help="with --to asm or --explain: compile one chain of the filter table as "
+                   "the XDP or TC program `bpfilter attach` would load")
+    p.add_argument("--chain", metavar="NAME", default=None,
+                   help="with --hook: the built-in chain (default INPUT, OUTPUT at tc-egress)")
+    p.add_argument("--dev", metavar="NAME", default=None,
+                   help="with --hook: the interface (what -i/-o rules compare with)")
     p.add_argument("file", nargs="?", default="-", metavar="FILE",
                    help="input file (default: standard input)")
     return p
@@ -57,8 +68,12 @@ def run(args: argparse.Namespace) -> int:
         return e.exit_code
     if args.explain or args.dest == "asm":
         try:
-            compiled = compile_ruleset(ruleset, family)
-        except CompileError as e:
+            target = None
+            if args.hook is not None:
+                hook = _IF_HOOKS[args.hook]
+                target = IfTarget(hook, args.chain or DEFAULT_CHAIN[hook], args.dev)
+            compiled = compile_ruleset(ruleset, family, target=target)
+        except (CompileError, ValueError) as e:
             print(f"bpfilter translate: {name}:{e}", file=sys.stderr)
             return 1
         lines = _explain(ruleset, compiled) if args.explain else _asm(compiled)

@@ -13,6 +13,7 @@ from bpfilter.codegen.compiler import HOOKS, PRIORITY
 from bpfilter.codegen.helpers import BpfFunc
 from bpfilter.codegen.insn import R0, R1, R2, R3, R6, Insn
 from bpfilter.codegen.link import link
+from bpfilter.codegen.lookup import BUFFER_BIT
 from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import MapSpec, ProgramSpec
 from bpfilter.codegen.uapi import AttachType, MapType, NfHook, NfProto, NfVerdict, ProgType
@@ -34,6 +35,11 @@ from bpfilter.codegen.uapi import AttachType, MapType, NfHook, NfProto, NfVerdic
 #   generation is switched in, and until then they change nothing.
 # - Only the low bit of ``ctl`` picks the slots, and it lives in one byte, so even a torn
 #   read of the counter gives the old or the new generation, never a mix.
+# - Bit 1 (``lookup.BUFFER_BIT``) picks which copy of its runs' maps a program uses (each
+#   program reads it once per packet). A change of map entries only (bpfilter.incremental)
+#   writes the copy not in use and adds 2: the same programs stay in the same slots and
+#   every run switches copy at once. A rebuild flips bit 0 and keeps bit 1, so a packet
+#   still in an old program finds the copy it used (the new programs' two copies are equal).
 #
 # A prog_array drops all its entries when its last *user* reference goes away (the kernel's
 # uref, held by fds from userspace and by pins, not by the programs that use the map): so
@@ -75,6 +81,21 @@ class TableKey:
 
 
 # bpffs refuses names with a dot (EPERM, "reserved for future use"): pin names use dashes.
+def next_generation(current: int, *, rebuild: bool) -> int:
+    """The generation after ``current``: a rebuild uses the other slots (bit 0 flips, the
+    copy bit stays), a map-only change the other copy of the run maps (bit 1 flips). Always
+    larger than ``current``."""
+    if rebuild:
+        # even: +1 sets bit 0; odd: +3 clears bit 0, and its carry leaves bit 1 as it was
+        return current + (1 if current % 2 == 0 else 3)
+    return current + BUFFER_BIT
+
+
+def buffer_copy(generation: int) -> int:
+    """Which copy of the run maps (0 or 1, lookup.buffer_names) ``generation`` uses."""
+    return 1 if generation & BUFFER_BIT else 0
+
+
 def pin_name(key: TableKey, what: str) -> str:
     """Name of a pin of ``key``'s table: ``ctl``, ``progs``, ``link-CHAIN``, ``gN-…``."""
     return f"{key.prefix}-{what}"
@@ -118,6 +139,12 @@ def _get_map(name: str, netns: str | None, spec: MapSpec) -> bpf.Map | None:
     m = bpf.map_from_fd(fd, spec.name)
     bpf.check_compatible(m, spec)
     return m
+
+
+def switch_map(key: TableKey, netns: str | None) -> bpf.Map:
+    """The table's ``ctl`` map, created and pinned when missing (nothing is attached):
+    programs that read the copy bit link it before the table's dispatchers exist."""
+    return _get_or_create(pin_name(key, "ctl"), netns, CTL_SPEC)
 
 
 def _get_or_create(name: str, netns: str | None, spec: MapSpec) -> bpf.Map:

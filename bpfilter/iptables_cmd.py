@@ -10,17 +10,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
-from bpfilter import bpf, bpffs, netns, state
+from bpfilter import bpf, bpffs, delegate, netns, sets, state
 from bpfilter.codegen.compiler import COUNTERS, HOOKS, CompileError
 from bpfilter.dispatch import TableKey, pin_name
 from bpfilter.grammar.errors import EXIT_PARAMETER, ParseError
 from bpfilter.grammar.getopt import arity, normalize
 from bpfilter.grammar.iptables import BUILTIN_CHAINS, CHAIN_NAME_MAX, parse_command, parse_restore
 from bpfilter.grammar.tokenize import Word
+from bpfilter.incremental import Blocklist, Rebuild, blocklist_change, edit_text, rule_key
 from bpfilter.ir import checks
 from bpfilter.ir.iptables_save import format_rule
 from bpfilter.ir.matches import ICMP6_TYPES, ICMP_TYPES, MATCHES, Ctx
 from bpfilter.ir.model import Chain, Option, PortRange, Prefix, Rule, Ruleset, Table, TargetKind
+from bpfilter.ir.optimizer import KeyField, _shapes, prefix_length
 from bpfilter.ir.targets import TARGETS, UNSUPPORTED_TARGETS, VERDICTS
 from bpfilter.ir.values import format_prefix_short, proto_name
 from bpfilter.loader import LoadError
@@ -722,10 +724,17 @@ def _zero(live: state.LiveTable, chain: str | None) -> None:
         return
     ncpu = bpf.possible_cpus()
     zero = [bytes(16)] * ncpu
+    if live.layout is not None:
+        layout = live.layout
+        slots = [s for c in live.table.chains if chain is None or c.name == chain
+                 for s in ([layout.policy[c.name]] if c.name in layout.policy else [])
+                 + list(layout.slots.get(c.name, ()))]
+    else:
+        slots = [index for index, ref in live.compiled().rule_index.items()
+                 if chain is None or ref.chain == chain]
     with bpf.map_from_fd(fd, COUNTERS) as m:
-        for index, ref in live.compiled().rule_index.items():
-            if chain is None or ref.chain == chain:
-                m.update_percpu(index.to_bytes(4, "little"), zero)
+        for index in slots:
+            m.update_percpu(index.to_bytes(4, "little"), zero)
 
 
 def run(cmd: CommandLine) -> Result:
@@ -737,6 +746,10 @@ def run(cmd: CommandLine) -> Result:
                       f"table `{cmd.table}': Table does not exist (do you need to insmod?)\n"
                       f"Perhaps {IPT[family]} or your kernel needs to be upgraded.\n")
     key = TableKey(family, cmd.table) if cmd.table in HOOKS else None
+    if key is not None:
+        quick = _blocklist_command(cmd, key)
+        if quick is not None:
+            return quick
     live = state.live_table(key, cmd.netns) if key is not None else None
     table = live.table if live is not None else empty_table(family, cmd.table)
     if live is not None and cmd.verbose and cmd.command in ("-L", "-S"):
@@ -776,7 +789,91 @@ def run(cmd: CommandLine) -> Result:
     done = restore_table(new, RestoreOptions(family=family, noflush=True, netns=cmd.netns,
                                              counters=explicit), live)
     return Result(0, out, data={"changed": True, "generation": done.generation,
-                                "rules": done.rules, "programs": done.programs})
+                                "rules": done.rules, "programs": done.programs,
+                                "incremental": done.incremental, "rebuilt": done.rebuilt})
+
+
+_QUICK = frozenset({"-A", "-I", "-D"})
+
+
+def _blocklist_command(cmd: CommandLine, key: TableKey) -> Result | None:
+    """-A, -I or -D of one rule in a chain that is one exact lookup (a blocklist), done from
+    the stored layout without reading the table's IR: the same outcome as the full path
+    (``run``), which takes every other case (errors and their messages included): None."""
+    if cmd.command not in _QUICK or cmd.verbose or cmd.chain is None or "-c" in cmd.rulespec:
+        return None
+    head = state.live_head(key, cmd.netns)
+    b = head.layout.fast.get(cmd.chain) if head is not None else None
+    if head is None or b is None:
+        return None
+    [seg] = head.layout.segments[cmd.chain]
+    n = len(b.keys)
+    num = int(cmd.args[0]) if cmd.args else None
+    line: str | None = None
+    if cmd.command == "-D" and num is not None:
+        if num > n:
+            return None
+        pos, k, action = num - 1, b.keys[num - 1], None
+    else:
+        got = _blocklist_rule(cmd, b, seg.actions)
+        if got is None:
+            return None
+        k, act, line = got
+        if cmd.command == "-A":
+            pos, action = n, act
+        elif cmd.command == "-I":
+            pos, action = (num or 1) - 1, act
+            if pos > n:
+                return None
+        else:
+            pos = next((i for i in range(n) if b.keys[i] == k and b.acts[i] == act), -1)
+            if pos < 0:
+                return None
+            action, line = None, None
+    try:
+        change = blocklist_change(head.layout, cmd.chain, pos, k, action,
+                                  dirty=state.dirty_keys(head))
+    except Rebuild:
+        return None
+    text = edit_text(head.text(), cmd.chain, n, pos, line)
+    done = state.apply_change(head, change, text)
+    rules = sum(len(s) for s in change.layout.slots.values())
+    return Result(0, "", data={"changed": True, "generation": done.generation, "rules": rules,
+                               "programs": done.prog_ids, "incremental": done.as_json(),
+                               "rebuilt": None})
+
+
+def _blocklist_rule(cmd: CommandLine, b: Blocklist,
+                    actions: tuple[str, ...]) -> tuple[int, int, str] | None:
+    """(key, action number, iptables-save line) of the command's one rule when it fits the
+    blocklist ``b`` (same tests but the key, an action the code has); else None."""
+    assert cmd.chain is not None
+    builtin = cmd.chain in BUILTIN_CHAINS[cmd.table]
+    head = f"*{cmd.table}\n" + ("" if builtin else f":{cmd.chain} - [0:0]\n")
+    try:
+        mini = parse_restore(head + b.rep + "\nCOMMIT\n", family=cmd.family)
+        base = mini.table(cmd.table)
+        assert base is not None
+        rep_chain = base.chain(cmd.chain)
+        assert rep_chain is not None and len(rep_chain.rules) == 1
+        rules = _parse_rules(cmd, replace(base, chains=tuple(
+            replace(c, rules=()) for c in base.chains)), cmd.chain)
+    except (ParseError, CliExit):
+        return None
+    if len(rules) != 1:
+        return None
+    [rule] = rules
+    field = KeyField(b.field)
+    shape = _shapes([rep_chain.rules[0], rule])[field]
+    if shape[0] is None or shape[0] != shape[1]:
+        return None
+    target = format_rule(Rule(target=rule.target), "X")
+    k = rule_key(rule, field)
+    prefix = rule.src if field is KeyField.SRC else rule.dst if field is KeyField.DST else None
+    if target not in actions or k is None or (b.length is not None and (
+            prefix is None or prefix_length(prefix) != b.length)):
+        return None
+    return k, actions.index(target), format_rule(rule, cmd.chain, table=cmd.table)
 
 
 def _verbose_chains(cmd: CommandLine, table: Table) -> str:
@@ -809,6 +906,11 @@ def main(argv: Sequence[str], family: int = 4, *, stdout: IO[str] | None = None,
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
     cmd: CommandLine | None = None
+    handed = delegate.single(argv, family, TOOL[family])  # -t nat etc. with --delegate
+    if handed is not None:
+        stdout.write(handed.out)
+        stderr.write(handed.err)
+        return handed.code
     try:
         cmd = parse_args(argv, family)
         for w in cmd.warnings:
@@ -830,6 +932,9 @@ def main(argv: Sequence[str], family: int = 4, *, stdout: IO[str] | None = None,
         result = Result(e.code, e.out, e.err)
     except CommandFailed as e:
         result = Result(EXIT_FAILED, err=f"{IPT[family]}: {e.message}\n")
+    except sets.SetRefused as e:  # a parameter problem for iptables (libxt_set)
+        result = Result(EXIT_PARAMETER, err=f"{IPT[family]} {VERSION}: {e.reason}\n\n"
+                        + _try(family))
     except CompileError as e:
         result = Result(EXIT_FAILED, err=f"{TOOL[family]}: {e.reason}\n")
     except LoadError as e:

@@ -4,19 +4,25 @@ links in a network namespace, pins, counters, conntrack activation, unload."""
 from __future__ import annotations
 
 import bisect
+import fcntl
 import functools
+import gzip
+import os
 import re
 import secrets
 import struct
 import subprocess
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
-from bpfilter import bpf, bpffs
+from bpfilter import bpf, bpffs, netns, sets
 from bpfilter.attach_netfilter import NetfilterOptions, attach_netfilter
 from bpfilter.btf import Btf
-from bpfilter.codegen.compiler import CompiledProgram, CompiledRuleset
+from bpfilter.btf_cache import BtfFacts
+from bpfilter.codegen import lookup
+from bpfilter.codegen.compiler import COUNTERS, CompiledProgram, CompiledRuleset
 from bpfilter.codegen.flavor_netfilter import (
     KernelLayout,
     KField,
@@ -25,7 +31,8 @@ from bpfilter.codegen.flavor_netfilter import (
 )
 from bpfilter.codegen.link import Linked, link
 from bpfilter.codegen.spec import ProgramSpec
-from bpfilter.codegen.uapi import AttachType, NfHook, NfProto, ProgType
+from bpfilter.codegen.uapi import NS_GET_USERNS, NfHook, NfProto
+from bpfilter.ir.optimizer import Run
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -47,9 +54,54 @@ class LoadError(RuntimeError):
 
 @functools.cache
 def kernel_layout() -> KernelLayout:
-    """Offsets of the kernel fields generated code reads, from /sys/kernel/btf/vmlinux."""
-    btf = _btf()
-    return KernelLayout({f: btf.member_offset(f.struct, f.member) for f in KField})
+    """Offsets of the kernel fields generated code reads, from /sys/kernel/btf/vmlinux
+    (through the on-disk cache of bpfilter.btf_cache)."""
+    facts = _facts()
+    layout = KernelLayout({f: facts.member_offset(f.struct, f.member) for f in KField},
+                          hz=kernel_hz())
+    facts.save()
+    return layout
+
+
+@functools.cache
+def _facts() -> BtfFacts:
+    return BtfFacts(load=_btf)
+
+
+def check_owner_namespace(name: str | None) -> None:
+    """The owner match compares socket ids with the rule's as ids of the initial user
+    namespace; xt_owner maps the rule's through the network namespace's owning user
+    namespace (make_kuid), so a namespace owned by another one is refused (NetnsError)."""
+    where = str(netns.path(name)) if name is not None else "/proc/self/ns/net"
+    fd = os.open(where, os.O_RDONLY)
+    try:
+        user_fd = fcntl.ioctl(fd, NS_GET_USERNS)
+    finally:
+        os.close(fd)
+    try:
+        theirs = os.fstat(user_fd)
+    finally:
+        os.close(user_fd)
+    ours = os.stat("/proc/self/ns/user")
+    if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+        raise netns.NetnsError(
+            f"network namespace {name or '(current)'} belongs to another user namespace: "
+            "the owner match compares ids of the initial one and cannot map them there")
+
+
+def kernel_hz() -> int:
+    """CONFIG_HZ of the running kernel (/proc/config.gz, else /boot/config-RELEASE), 0 when
+    neither can be read; only --ctexpire needs it."""
+    for path, opener in (("/proc/config.gz", gzip.open), (f"/boot/config-{os.uname().release}",
+                                                          open)):
+        try:
+            with opener(path, "rt") as f:
+                for line in f:
+                    if line.startswith("CONFIG_HZ="):
+                        return int(line.split("=", 1)[1])
+        except OSError:
+            continue
+    return 0
 
 
 @functools.cache
@@ -58,7 +110,10 @@ def _btf() -> Btf:
 
 
 def _kfuncs(names: tuple[str, ...]) -> dict[str, int]:
-    return {n: _btf().kfunc_id(n) for n in names}
+    facts = _facts()
+    ids = {n: facts.kfunc_id(n) for n in names}
+    facts.save()
+    return ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +154,8 @@ def _verifier_lines(lp: LinkedProgram, compiled: CompiledRuleset, log: str) -> l
 
 
 def _load_one(lp: LinkedProgram, compiled: CompiledRuleset) -> bpf.Prog:
-    spec = ProgramSpec(lp.program.name, ProgType.NETFILTER, lp.linked.code,
-                       expected_attach_type=AttachType.NETFILTER)
+    spec = ProgramSpec(lp.program.name, lp.program.prog_type, lp.linked.code,
+                       expected_attach_type=lp.program.attach_type)
     btf = bpf.btf_load(lp.btf)
     try:
         return bpf.prog_load(spec, func_info=(btf, lp.func_info))
@@ -119,26 +174,67 @@ class Programs:
     maps: dict[str, bpf.Map] = field(default_factory=dict)
     progs: dict[CompiledProgram, bpf.Prog] = field(default_factory=dict)
     linked: dict[CompiledProgram, LinkedProgram] = field(default_factory=dict)
+    # bpfilter sets the rules name (bpfilter.sets): opened from their pins, never pinned
+    # with a generation (they outlive it).
+    sets: dict[str, bpf.Map] = field(default_factory=dict)
+    # Ids of the ``shared`` maps the programs were linked with (load_programs), by name.
+    shared_ids: dict[str, int] = field(default_factory=dict)
 
     def close(self) -> None:
         for p in self.progs.values():
             p.close()
-        for m in self.maps.values():
+        for m in (*self.maps.values(), *self.sets.values()):
             m.close()
         self.progs.clear()
         self.maps.clear()
+        self.sets.clear()
 
 
-def load_programs(compiled: CompiledRuleset) -> Programs:
-    """Create the maps and load every program (nothing is attached)."""
+def capacity(entries: int) -> int:
+    """max_entries for a map that incremental changes may grow (counters, run maps): room
+    for as many again, so that a change outgrowing it (and rebuilt instead) is rare."""
+    return max(64, 2 * entries)
+
+
+def growable(compiled: CompiledRuleset) -> frozenset[str]:
+    """The maps created with ``capacity`` headroom: the counters and both copies of every
+    run's map (the entries incremental changes edit in place)."""
+    names = {COUNTERS}
+    for _, _, run, name in compiled.lookups:
+        if isinstance(run, Run):
+            names.update(lookup.buffer_names(name))
+    return frozenset(names)
+
+
+def load_programs(compiled: CompiledRuleset,
+                  shared: Mapping[str, bpf.Map] | None = None, *,
+                  netns: str | None = None) -> Programs:
+    """Create the maps and load every program (nothing is attached). ``shared`` maps are
+    linked instead of created (the table's switch, ``lookup.CTL_MAP``); they stay the
+    caller's and are not in ``Programs.maps``. Sets (maps with a ``pin``) are opened from
+    ``netns``'s pins; a missing one raises CompileError with the line of its first rule."""
+    if any(p.needs.owner for p in compiled.programs):
+        check_owner_namespace(netns)
     out = Programs(compiled)
+    shared = shared or {}
+    grow = growable(compiled)
     try:
         for spec in compiled.maps:
+            if spec.pin is not None:
+                out.sets[spec.name] = sets.open_for_rule(spec, netns)
+                continue
+            if spec.name in shared:
+                bpf.check_compatible(shared[spec.name], spec)
+                out.shared_ids[spec.name] = shared[spec.name].info().id
+                continue
+            if spec.name in grow:
+                spec = replace(spec, max_entries=capacity(spec.max_entries))
             out.maps[spec.name] = bpf.map_create(spec)
             contents = compiled.contents.get(spec.name)
             if contents:  # lookup tables of optimized rule runs, filled before any program
                 out.maps[spec.name].update_batch(contents)
-        fds = {name: m.fd for name, m in out.maps.items()}
+        fds = {name: m.fd for name, m in (*out.maps.items(), *out.sets.items())}
+        fds.update((name, m.fd) for name, m in shared.items())
         for program in compiled.programs:
             lp = link_program(program, fds)
             out.linked[program] = lp
@@ -223,7 +319,7 @@ def load(compiled: CompiledRuleset, netns: str | None = None, *, pin: bool = Tru
     (None: the caller's namespace), pin links and maps under
     ``<bpffs>/bpfilter/<netns or host>/`` and make sure conntrack runs there if a rule
     looks at conntrack state."""
-    programs = load_programs(compiled)
+    programs = load_programs(compiled, netns=netns)
     handle = Loaded(compiled, netns, programs)
     try:
         if compiled.needs_conntrack:
@@ -287,9 +383,11 @@ test_run_data.__test__ = False  # type: ignore[attr-defined]
 
 @functools.cache
 def _hook_state_shape() -> tuple[int, int, int]:
-    btf = _btf()
-    return (btf.struct_size("nf_hook_state"), btf.member_offset("nf_hook_state", "hook"),
-            btf.member_offset("nf_hook_state", "pf"))
+    facts = _facts()
+    shape = (facts.struct_size("nf_hook_state"), facts.member_offset("nf_hook_state", "hook"),
+             facts.member_offset("nf_hook_state", "pf"))
+    facts.save()
+    return shape
 
 
 def hook_context(hook: NfHook, family: int) -> bytes:

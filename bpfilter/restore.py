@@ -15,7 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from bpfilter import __version__, bpf, bpffs, netns, state
+from bpfilter import (
+    __version__,
+    bpf,
+    bpffs,
+    delegate,
+    lark_cache,
+    netns,
+    responder,
+    sets,
+    state,
+)
+from bpfilter.codegen import lookup
 from bpfilter.codegen.compiler import HOOKS, CompileError, compile_ruleset
 from bpfilter.dispatch import TableKey
 from bpfilter.grammar.errors import EXIT_LINE_FAILED, EXIT_PARAMETER, ParseError
@@ -61,18 +72,20 @@ class RestoreOptions:
     modprobe: str | None = None  # accepted and ignored: bpfilter loads no modules
     netns: str | None = None
     json: bool = False
+    delegate: str | None = None  # --delegate TABLES (see bpfilter.delegate)
     warnings: tuple[str, ...] = ()
 
 
 def usage(family: int) -> str:
     """What -h prints."""
     return (f"Usage: {TOOL[family]} [-c] [-v] [-V] [-t] [-h] [-n] [-w secs] [-W usecs] "
-            "[-T table] [-M command] [--netns NAME] [--json] [file]\n"
+            "[-T table] [-M command] [--netns NAME] [--json] [--delegate TABLES] [file]\n"
             "\t   [ --counters ]\n\t   [ --verbose ]\n\t   [ --version]\n\t   [ --test ]\n"
             "\t   [ --help ]\n\t   [ --noflush ]\n\t   [ --wait=<seconds>\n"
             "\t   [ --table=<TABLE> ]\n\t   [ --modprobe=<command> ]\n"
             "\t   [ --netns=<NAME> ]  (a network namespace from `ip netns list`)\n"
-            "\t   [ --json ]  (print the result as JSON on standard output)\n")
+            "\t   [ --json ]  (print the result as JSON on standard output)\n"
+            "\t   [ --delegate=<TABLES> ]  (nat,mangle,security: to iptables-legacy-restore)\n")
 
 
 def _try(family: int) -> str:
@@ -81,7 +94,8 @@ def _try(family: int) -> str:
 
 _LONG_FLAGS = {"--counters": "c", "--verbose": "v", "--version": "V", "--test": "t",
                "--help": "h", "--noflush": "n", "--binary": "b", "--json": "json"}
-_LONG_VALUES = {"--table": "table", "--modprobe": "modprobe", "--netns": "netns"}
+_LONG_VALUES = {"--table": "table", "--modprobe": "modprobe", "--netns": "netns",
+                "--delegate": "delegate"}
 
 
 def _number(text: str) -> bool:
@@ -241,10 +255,15 @@ class TableResult:
     generation: int | None
     rules: int
     programs: dict[str, int] = field(default_factory=dict)  # chain -> program id
+    delegated: bool = False  # committed by iptables-legacy-restore (--delegate)
+    # Applied as map writes, programs kept: entries written, seconds from pin to switch.
+    incremental: dict[str, Any] | None = None
+    rebuilt: str | None = None  # why a --noflush change was not map writes only
 
     def as_json(self) -> dict[str, Any]:
         return {"family": self.family, "table": self.table, "generation": self.generation,
-                "rules": self.rules, "programs": self.programs}
+                "rules": self.rules, "programs": self.programs, "delegated": self.delegated,
+                "incremental": self.incremental, "rebuilt": self.rebuilt}
 
 
 @dataclass(slots=True)
@@ -254,6 +273,7 @@ class Outcome:
     code: int = 0
     err: str = ""
     error_line: int | None = None
+    out: str = ""  # what -v prints (standard output)
     tables: list[TableResult] = field(default_factory=list)
 
 
@@ -310,9 +330,7 @@ def _explicit_counters(table: Table) -> dict[CounterKey, tuple[int, int]]:
 
 
 def _unsupported(table: Table) -> str:
-    return (f"line {table.line} failed: table '{table.name}' cannot be compiled to eBPF by "
-            f"bpfilter (it compiles {' and '.join(sorted(HOOKS))}); handing other tables to the "
-            "system's iptables-restore (--delegate) is not implemented yet")
+    return f"line {table.line} failed: {delegate.refusal(table.name)}"
 
 
 def restore_table(table: Table, opts: RestoreOptions,
@@ -322,31 +340,70 @@ def restore_table(table: Table, opts: RestoreOptions,
     in force when the caller has read it already (--noflush carries its counters over)."""
     family = opts.family
     rules = sum(len(c.rules) for c in table.chains)
+    key = TableKey(family, table.name)
+    old = None
+    if opts.noflush and not opts.test:
+        old = live if live is not None else state.live_table(key, opts.netns)
+        # A change of lookup entries only: map writes, the programs stay (bpfilter.state).
+        done = _incremental(old, table, opts) if old is not None else "nothing in force"
+        if not isinstance(done, str):
+            responder.sync(opts.netns)
+            return done
+        rebuilt: str | None = done
+    else:
+        rebuilt = None
     compiled = compile_ruleset(Ruleset((table,)), family)
-    programs = load_programs(compiled)
+    # Programs read which copy of their run maps is in use from the table's switch.
+    shared = {} if opts.test else {lookup.CTL_MAP: state.switch_map(key, opts.netns)}
+    try:
+        programs = load_programs(compiled, shared, netns=opts.netns)
+    finally:
+        for m in shared.values():
+            m.close()
     try:
         if opts.test:
             return TableResult(family, table.name, None, rules)
-        key = TableKey(family, table.name)
         carry: dict[CounterKey, tuple[int, int]] = {}
-        if opts.noflush:
-            old = live if live is not None else state.live_table(key, opts.netns)
-            if old is not None:
-                carry = state.carried_counters(old.table, table, old.counters())
+        if old is not None:
+            carry = state.carried_counters(old.table, table, old.counters())
         if opts.counters:
             carry.update(_explicit_counters(table))
         text = to_iptables_save(Ruleset((table,)))
-        gen = state.commit(key, programs, text, opts.netns, carry=carry)
+        gen = state.commit(key, programs, text, opts.netns, carry=carry, table=table)
+        responder.sync(opts.netns)  # REJECT's replies; raises StateError when it cannot
         ids = {p.chain: prog.id for p, prog in programs.progs.items()}
-        return TableResult(family, table.name, gen, rules, ids)
+        return TableResult(family, table.name, gen, rules, ids, rebuilt=rebuilt)
     finally:
         programs.close()  # what is in force is held by the pins
+
+
+def _incremental(live: state.LiveTable, table: Table,
+                 opts: RestoreOptions) -> TableResult | str:
+    """``table`` put in force by map writes when it differs from ``live`` in lookup
+    entries only; else why it needs a rebuild."""
+    explicit = None
+    if opts.counters:
+        explicit = {(c, pos): v for (_, c, pos), v in _explicit_counters(table).items()}
+    change = state.plan_incremental(live, table, explicit=explicit)
+    if isinstance(change, str):
+        return change
+    text = to_iptables_save(Ruleset((table,)))
+    done = state.apply_change(live, change, text)
+    return TableResult(opts.family, table.name, done.generation,
+                       sum(len(c.rules) for c in table.chains), done.prog_ids,
+                       incremental=done.as_json())
 
 
 def restore(text: str, opts: RestoreOptions, filename: str = "<stdin>") -> Outcome:
     """Apply iptables-restore input; the caller holds the lock and has checked root."""
     out = Outcome()
     family = opts.family
+    try:
+        batch = delegate.Batch.prepare(text, opts)
+    except delegate.ConfigError as e:
+        out.code, out.err = EXIT_OTHER, f"{TOOL[family]}: {e}\n"
+        return out
+    text = batch.ours  # delegated tables' lines emptied: line numbers unchanged
     if not opts.test and state.drop_stale(opts.netns):
         out.err += (f"{TOOL[family]}: dropped the pins of an earlier network namespace named "
                     f"{opts.netns!r} (deleted and created again)\n")
@@ -361,12 +418,20 @@ def restore(text: str, opts: RestoreOptions, filename: str = "<stdin>") -> Outco
     for table in ruleset.tables:
         if opts.table is not None and table.name != opts.table:
             continue
+        if not batch.commit_before(table.line, out):
+            return out
+        if opts.verbose:
+            out.out += batch.verbose_table(table, base)
         if table.name not in HOOKS:
             out.code, out.error_line = EXIT_LINE_FAILED, table.line
             out.err += _line_failed(family, _unsupported(table))
             return out
         try:
             out.tables.append(restore_table(table, opts))
+        except sets.SetRefused as e:
+            out.code, out.error_line = EXIT_PARAMETER, e.line
+            out.err += _parameter_problem(family, e.reason + "\n", e.line)
+            return out
         except CompileError as e:
             out.code, out.error_line = EXIT_LINE_FAILED, e.line
             out.err += _line_failed(family, f"line {e.line} failed: {e.reason}")
@@ -381,9 +446,13 @@ def restore(text: str, opts: RestoreOptions, filename: str = "<stdin>") -> Outco
             out.code, out.error_line = EXIT_RESOURCE, table.line
             out.err += f"{TOOL[family]}: table {table.name}: {e}\n"
             return out
+    if not batch.commit_before(error.line if error is not None else math.inf, out):
+        return out
     if error is not None:
         out.code, out.error_line = error.exit_code, error.line
         out.err += format_parse_error(family, error)
+    if opts.verbose:
+        out.out += batch.printer.upto(error.line if error is not None else batch.lines)
     return out
 
 
@@ -408,6 +477,7 @@ def main(argv: Sequence[str], family: int = 4, *, stdin: IO[bytes] | None = None
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
     opts: RestoreOptions | None = None
+    lark_cache.install()
     try:
         opts = parse_args(argv, family)
         for w in opts.warnings:
@@ -429,6 +499,8 @@ def main(argv: Sequence[str], family: int = 4, *, stdin: IO[bytes] | None = None
         if opts is not None and opts.json:
             _print_json(stdout, opts, Outcome(e.code, e.err))
         return e.code
+    if not opts.json:
+        stdout.write(outcome.out)
     stderr.write(outcome.err)
     if opts.json:
         _print_json(stdout, opts, outcome)

@@ -6,7 +6,9 @@ Layout of ``<bpffs>/bpfilter/<netns or "host">/`` (directory mode 0700, so root 
   and its attached dispatchers (see bpfilter.dispatch); ``ip6-`` for IPv6, ``raw`` likewise;
 - ``ip-filter-gN-text``: the canonical iptables-save text of generation N of the table (no
   counters), in an array map of TEXT_CHUNK-byte values, since bpffs holds only BPF objects;
-- ``ip-filter-gN-map-NAME``: the maps of generation N (``counters`` and any lookup maps).
+- ``ip-filter-gN-map-NAME``: the maps of generation N (``counters`` and any lookup maps);
+- ``ip-filter-gN-layout``: generation N's counter slots and run maps (bpfilter.incremental),
+  stored like the text.
 
 - ``owner``: the inode of the named network namespace the pins belong to. A namespace
   deleted and created again under the same name is a different namespace: the pins of the
@@ -16,27 +18,48 @@ The ``ctl`` value says which generation is in force; a generation's pins are com
 it is switched in, and pins of other generations are leftovers of an interrupted or earlier
 run, removed by the next commit. So a process killed at any point leaves the old or the new
 ruleset in force, each with its text, and the state stays readable.
+
+A change of lookup entries only (``apply_change``) keeps the programs and their maps: the
+new generation pins the same maps again, writes the copy of the run maps no packet uses and
+switches with the same one ``ctl`` write (bpfilter.dispatch). A killed change has written
+only that unused copy; the keys it wrote are in its leftover layout and are rewritten by the
+next change.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import struct
 import subprocess
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 
 from bpfilter import bpf, bpffs
 from bpfilter import netns as netns_mod
+from bpfilter.codegen import lookup
 from bpfilter.codegen.compiler import COUNTERS, CompiledRuleset, compile_ruleset
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import MapType, NfHook
-from bpfilter.dispatch import Dispatch, TableKey, detach, ensure_dispatch, open_dispatch, pin_name
+from bpfilter.dispatch import (
+    Dispatch,
+    TableKey,
+    buffer_copy,
+    detach,
+    ensure_dispatch,
+    next_generation,
+    open_dispatch,
+    pin_name,
+)
+from bpfilter.dispatch import switch_map as dispatch_switch_map
 from bpfilter.grammar.iptables import parse_restore
+from bpfilter.incremental import Change, Layout, Rebuild, fresh_layout, plan_change
 from bpfilter.ir.model import Rule, Ruleset, Table
-from bpfilter.loader import CounterKey, Programs, read_counters
+from bpfilter.loader import CounterKey, Programs, growable, read_counters
 
 TEXT_CHUNK = 16384
+KILL_ENV = "BPFILTER_KILL_AT"  # tests: SIGKILL this process at the named commit step
 _LEN = struct.Struct("<Q")
 _GEN_PIN = re.compile(r"^(ip6?-[a-z]+)-g(\d+)-")
 CONNTRACK_TABLE = "bpfilter_ct"
@@ -55,14 +78,24 @@ def require_root(tool: str) -> None:
                          "are readable and writable by root alone")
 
 
+def checkpoint(step: str) -> None:
+    """A named step of a commit; tests kill the process there (``BPFILTER_KILL_AT``)."""
+    if os.environ.get(KILL_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # --- the text of a generation ---------------------------------------------------------------
 
 def store_text(text: str) -> bpf.Map:
     """A new array map holding ``text`` (8-byte length, then the UTF-8 bytes)."""
-    data = text.encode("utf-8", "surrogateescape")
+    return store_blob(text.encode("utf-8", "surrogateescape"))
+
+
+def store_blob(data: bytes, name: str = "bpfilter_text") -> bpf.Map:
+    """A new array map holding ``data`` (8-byte length, then the bytes)."""
     data = _LEN.pack(len(data)) + data
     n = max(1, -(-len(data) // TEXT_CHUNK))
-    m = bpf.map_create(MapSpec("bpfilter_text", MapType.ARRAY, 4, TEXT_CHUNK, n))
+    m = bpf.map_create(MapSpec(name, MapType.ARRAY, 4, TEXT_CHUNK, n))
     try:
         items = [(struct.pack("<I", i), data[i * TEXT_CHUNK:(i + 1) * TEXT_CHUNK]
                   .ljust(TEXT_CHUNK, b"\0")) for i in range(n)]
@@ -75,10 +108,24 @@ def store_text(text: str) -> bpf.Map:
 
 def load_text(m: bpf.Map) -> str:
     """The text ``store_text`` put in ``m``."""
-    chunks = [v for _, v in sorted(m.lookup_batch(64), key=lambda kv: struct.unpack("<I", kv[0]))]
-    data = b"".join(chunks)
+    return load_blob(m).decode("utf-8", "surrogateescape")
+
+
+def load_blob(m: bpf.Map) -> bytes:
+    """The bytes ``store_blob`` put in ``m``."""
+    # An array's batch lookup answers in index order; one call takes every chunk.
+    data = b"".join(v for _, v in m.lookup_batch(m.spec.max_entries))
     (size,) = _LEN.unpack_from(data)
-    return data[_LEN.size:_LEN.size + size].decode("utf-8", "surrogateescape")
+    return data[_LEN.size:_LEN.size + size]
+
+
+def _load_layout(key: TableKey, gen: int, netns: str | None) -> Layout | None:
+    try:
+        fd = bpffs.get(pin_name(key, f"g{gen}-layout"), netns)
+    except bpffs.BpffsError:
+        return None  # written by an older bpfilter: the next change rebuilds
+    with bpf.map_from_fd(fd, "bpfilter_layout") as m:
+        return Layout.loads(load_blob(m))
 
 
 # --- whose pins ----------------------------------------------------------------------------
@@ -160,9 +207,10 @@ class LiveTable:
     table: Table
     prog_ids: dict[str, int]  # built-in chain -> id of the program in its slot
     netns: str | None = None
+    layout: Layout | None = field(default=None, compare=False)
 
     def compiled(self) -> CompiledRuleset:
-        """The table compiled again (deterministic: the counter indices of the live maps)."""
+        """The table compiled again (deterministic: the counter indices of a rebuild)."""
         return compile_ruleset(Ruleset((self.table,)), self.key.family)
 
     def counters(self) -> dict[CounterKey, tuple[int, int]]:
@@ -173,7 +221,40 @@ class LiveTable:
         except bpffs.BpffsError:
             return {}
         with bpf.map_from_fd(fd, COUNTERS) as m:
-            return read_counters(self.compiled(), m)
+            if self.layout is None:
+                return read_counters(self.compiled(), m)
+            return layout_counters(self.table, self.layout, m)
+
+
+_COUNTER = struct.Struct("<QQ")
+
+
+def slot_counters(m: bpf.Map) -> list[tuple[int, int]]:
+    """(packets, bytes) of every slot of a per-CPU counter map, summed over CPUs, read with
+    batch lookups."""
+    ncpu = bpf.possible_cpus()
+    out = []
+    for _, raw in m.lookup_batch(8192):
+        packets = total = 0
+        for p, b in _COUNTER.iter_unpack(raw[:16 * ncpu]):
+            packets += p
+            total += b
+        out.append((packets, total))
+    return out
+
+
+def layout_counters(table: Table, layout: Layout,
+                    m: bpf.Map) -> dict[CounterKey, tuple[int, int]]:
+    """(table, chain, position) -> (packets, bytes), by the layout's slots."""
+    values = slot_counters(m)
+    out: dict[CounterKey, tuple[int, int]] = {}
+    name = table.name
+    for c in table.chains:
+        if c.is_base and c.name in layout.policy:
+            out[(name, c.name, 0)] = values[layout.policy[c.name]]
+        for i, s in enumerate(layout.slots.get(c.name, ()), 1):
+            out[(name, c.name, i)] = values[s]
+    return out
 
 
 def live_table(key: TableKey, netns: str | None) -> LiveTable | None:
@@ -199,13 +280,56 @@ def live_table(key: TableKey, netns: str | None) -> LiveTable | None:
                                      f"text is missing: {e}") from e
         with bpf.map_from_fd(fd, "bpfilter_text") as m:
             text = load_text(m)
+        layout = _load_layout(key, gen, netns)
         ids = {chain: pid for chain, hook in key.hooks.items()
                if (pid := d.prog_id(gen, hook)) is not None}
     parsed = parse_restore(text, family=key.family, filename=pin_name(key, f"g{gen}-text"))
     table = parsed.table(key.table)
     if table is None:
         raise StateError(f"the stored text of {key.prefix} holds no table {key.table}")
-    return LiveTable(key, gen, text, table, ids, netns)
+    if layout is not None and [c.name for c in table.chains] != list(layout.slots) or \
+            layout is not None and any(len(c.rules) != len(layout.slots[c.name])
+                                       for c in table.chains):
+        layout = None  # not this text's: counters by a recompile, the next change rebuilds
+    return LiveTable(key, gen, text, table, ids, netns, layout)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveHead:
+    """What is in force for a table, without its text or IR: enough for a change that the
+    layout alone decides (bpfilter.incremental.blocklist_change)."""
+
+    key: TableKey
+    generation: int
+    layout: Layout
+    prog_ids: dict[str, int]
+    netns: str | None = None
+
+    def text(self) -> str:
+        """The stored text of this generation."""
+        with bpf.map_from_fd(bpffs.get(pin_name(self.key, f"g{self.generation}-text"),
+                                       self.netns), "bpfilter_text") as m:
+            return load_text(m)
+
+
+def live_head(key: TableKey, netns: str | None) -> LiveHead | None:
+    """The table ``key`` in force, by its layout; None when nothing is, it has no layout,
+    or a commit is switching it right now (the caller then reads it in full)."""
+    if stale(netns):
+        return None
+    d = open_dispatch(key, netns)
+    if d is None:
+        return None
+    with d.ctl, d.progs:
+        gen = d.generation()
+        if gen == 0:
+            return None
+        layout = _load_layout(key, gen, netns)
+        ids = {chain: pid for chain, hook in key.hooks.items()
+               if (pid := d.prog_id(gen, hook)) is not None}
+        if layout is None or d.generation() != gen:
+            return None
+    return LiveHead(key, gen, layout, ids, netns)
 
 
 def live_ruleset(netns: str | None, family: int) -> Ruleset:
@@ -234,18 +358,21 @@ def with_counters(live: LiveTable) -> Table:
 # --- committing -----------------------------------------------------------------------------
 
 def commit(key: TableKey, programs: Programs, text: str, netns: str | None, *,
-           carry: dict[CounterKey, tuple[int, int]] | None = None) -> int:
+           carry: dict[CounterKey, tuple[int, int]] | None = None,
+           table: Table | None = None) -> int:
     """Put a loaded generation of ``key``'s table in force; returns its number.
 
     ``programs`` are loaded, not attached; ``text`` is the table's canonical
     iptables-save text. ``carry`` gives initial counters (packets, bytes) by (table, chain,
-    position) of the new table, written before the switch.
+    position) of the new table, written before the switch. With ``table`` (the IR the
+    programs were compiled from, alone) its layout is stored too, so that later changes of
+    lookup entries can skip the rebuild.
     """
     drop_stale(netns)
     claim(netns)
     d = ensure_dispatch(key, netns)
     try:
-        gen = d.generation() + 1
+        gen = next_generation(d.generation(), rebuild=True)
         _clear_generations(key, netns, keep=d.generation())
         prefix = f"g{gen}"
         for name, m in programs.maps.items():
@@ -254,16 +381,142 @@ def commit(key: TableKey, programs: Programs, text: str, netns: str | None, *,
             _seed_counters(programs, carry)
         with store_text(text) as tm:
             bpffs.pin(tm, pin_name(key, f"{prefix}-text"), netns, replace=True)
+        # A layout lets later changes write the run maps' other copy and flip ctl's copy
+        # bit: only for programs that read that bit from this table's ctl.
+        switched = all(spec.name != lookup.CTL_MAP for spec in programs.compiled.maps) or \
+            programs.shared_ids.get(lookup.CTL_MAP) == d.ctl.info().id
+        if table is not None and COUNTERS in programs.maps and switched:
+            grow = growable(programs.compiled)
+            caps = {n: m.spec.max_entries for n, m in programs.maps.items() if n in grow}
+            layout = fresh_layout(table, programs.compiled, caps.pop(COUNTERS), caps)
+            with store_blob(layout.dumps(), "bpfilter_layout") as lm:
+                bpffs.pin(lm, pin_name(key, f"{prefix}-layout"), netns, replace=True)
         if programs.compiled.needs_conntrack:
             ensure_conntrack(netns)
         by_hook: dict[NfHook, bpf.Prog] = {p.hook: prog for p, prog in programs.progs.items()
                                            if p.table == key.table}
         d.stage(gen, by_hook)
+        checkpoint("rebuild-staged")
         d.switch(gen)  # the commit point
+        checkpoint("rebuild-switched")
         _clear_generations(key, netns, keep=gen)
         return gen
     finally:
         d.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A change applied as map writes: the generation now in force and what it took."""
+
+    generation: int
+    prog_ids: dict[str, int]
+    entries: int  # map entries written
+    seconds: float  # from the first pin to the switch
+    write_seconds: float  # the map writes and the switch alone
+
+    def as_json(self) -> dict[str, float | int]:
+        return {"entries": self.entries, "seconds": self.seconds,
+                "write_seconds": self.write_seconds}
+
+
+def plan_incremental(live: LiveTable, table: Table, *,
+                     explicit: dict[tuple[str, int], tuple[int, int]] | None = None
+                     ) -> Change | str:
+    """The map writes turning ``live`` into ``table``, or why it takes a rebuild."""
+    if live.layout is None:
+        return "no layout stored for the table in force"
+    try:
+        return plan_change(live.table, live.layout, table, live.key.family,
+                           dirty=_dirty(live), explicit=explicit)
+    except Rebuild as e:
+        return e.reason
+
+
+def _dirty(live: LiveTable | LiveHead) -> dict[str, list[bytes]]:
+    """Keys a killed change may have written into the copy not in use: the leftover layout
+    of the generation it was making (the one this change makes too)."""
+    nxt = next_generation(live.generation, rebuild=False)
+    left = _load_layout(live.key, nxt, live.netns)
+    return left.touched if left is not None else {}
+
+
+def dirty_keys(live: LiveTable | LiveHead) -> dict[str, list[bytes]]:
+    """Keys a killed change may have left written in the copy not in use (see _dirty)."""
+    return _dirty(live)
+
+
+def apply_change(live: LiveTable | LiveHead, change: Change, text: str) -> Applied:
+    """Put ``change`` in force without loading anything: pin the maps in force under the
+    next generation with the new text and layout, write the run maps' unused copy and the
+    counters of new rules, then switch (one ``ctl`` write, atomic for every hook)."""
+    key, netns = live.key, live.netns
+    d = open_dispatch(key, netns)
+    if d is None or d.generation() != live.generation:
+        raise StateError(f"{key.prefix} changed while the change was being prepared")
+    try:
+        start = time.perf_counter()
+        gen = next_generation(live.generation, rebuild=False)
+        copy = buffer_copy(gen)
+        _clear_generations(key, netns, keep=live.generation)
+        head = pin_name(key, f"g{live.generation}-map-")
+        where = bpffs.pin_dir(netns, create=False)
+        maps: dict[str, bpf.Map] = {}
+        try:
+            for entry in os.listdir(where):
+                if entry.startswith(head):
+                    name = entry[len(head):]
+                    maps[name] = bpf.map_from_fd(bpf.obj_get(str(where / entry)), name)
+                    bpffs.pin(maps[name], pin_name(key, f"g{gen}-map-{name}"), netns,
+                              replace=True)
+            with store_text(text) as tm:
+                bpffs.pin(tm, pin_name(key, f"g{gen}-text"), netns, replace=True)
+            # The layout names the keys about to be written: pinned first, so a killed run
+            # leaves them to be rewritten.
+            with store_blob(change.layout.dumps(), "bpfilter_layout") as lm:
+                bpffs.pin(lm, pin_name(key, f"g{gen}-layout"), netns, replace=True)
+            checkpoint("maps-pinned")
+            written = time.perf_counter()
+            _write_counters(maps.get(COUNTERS), change.counters)
+            for name, writes in change.writes.items():
+                m = maps.get(lookup.buffer_names(name)[copy])
+                if m is None:
+                    raise StateError(f"map {name} of {key.prefix} is missing")
+                _write_entries(m, writes)
+            checkpoint("maps-written")
+            d.switch(gen)  # the commit point
+            done = time.perf_counter()
+            seconds, write_seconds = done - start, done - written
+            checkpoint("maps-switched")
+        finally:
+            for m in maps.values():
+                m.close()
+        _clear_generations(key, netns, keep=gen)
+        return Applied(gen, dict(live.prog_ids), change.entries_written, seconds, write_seconds)
+    finally:
+        d.close()
+
+
+def _write_entries(m: bpf.Map, writes: dict[bytes, bytes | None]) -> None:
+    puts = [(k, v) for k, v in writes.items() if v is not None]
+    gone = [k for k, v in writes.items() if v is None]
+    if len(puts) > 8:
+        m.update_batch(puts)
+    else:
+        for k, v in puts:
+            m.update(k, v)
+    for k in gone:
+        m.delete(k)  # False when already absent (a rewrite after a kill)
+
+
+def _write_counters(m: bpf.Map | None, values: dict[int, tuple[int, int]]) -> None:
+    if m is None or not values:
+        return
+    ncpu = bpf.possible_cpus()
+    for slot, value in values.items():
+        # All of it on CPU 0: the program only ever adds, so the sums stay right.
+        m.update_percpu(struct.pack("<I", slot),
+                        [_COUNTER.pack(*value)] + [bytes(16)] * (ncpu - 1))
 
 
 def _seed_counters(programs: Programs, carry: dict[CounterKey, tuple[int, int]]) -> None:
@@ -279,14 +532,23 @@ def _seed_counters(programs: Programs, carry: dict[CounterKey, tuple[int, int]])
             m.update_percpu(struct.pack("<I", index), values)
 
 
+def switch_map(key: TableKey, netns: str | None) -> bpf.Map:
+    """The table's switch map (created when missing), for programs to link."""
+    drop_stale(netns)
+    claim(netns)
+    return dispatch_switch_map(key, netns)
+
+
 def _clear_generations(key: TableKey, netns: str | None, *, keep: int) -> None:
     d = bpffs.pin_dir(netns, create=False)
-    if not d.is_dir():
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
         return
-    for p in d.iterdir():
-        m = _GEN_PIN.match(p.name)
+    for name in names:
+        m = _GEN_PIN.match(name)
         if m and m.group(1) == key.prefix and int(m.group(2)) != keep:
-            bpffs.unpin(p)
+            bpffs.unpin(d / name)
 
 
 def carried_counters(old: Table | None, new: Table, old_counts: dict[CounterKey,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from bpfilter.codegen import flavor_netfilter as nf
 from bpfilter.codegen.matchers import ALL_HOOKS, BOTH_FAMILIES, Emitter
-from bpfilter.codegen.uapi import NfHook
+from bpfilter.codegen.uapi import Hook
 from bpfilter.ir.model import Rule, Target
 
 EmitAction = Callable[[Emitter, Rule, Target], None]
@@ -35,18 +35,20 @@ class Action:
     name: str
     emit: EmitAction
     options: frozenset[str] = frozenset()
-    hooks: frozenset[NfHook] = ALL_HOOKS
+    hooks: frozenset[Hook] = ALL_HOOKS
     families: frozenset[int] = BOTH_FAMILIES
     needs: nf.Needs = nf.Needs()
     check: Callable[[Target], str | None] | None = None  # a refusal, or None
     terminal: bool = True
+    why_not: str = ""  # the reason it cannot run at hooks outside ``hooks``, if any
 
-    def refusal(self, t: Target, family: int, hook: NfHook | None = None) -> str | None:
+    def refusal(self, t: Target, family: int, hook: Hook | None = None) -> str | None:
         """Why this target cannot compile (for ``family`` at ``hook``), or None."""
         if family not in self.families:
             return f"target '{self.name}' is not supported for IPv{family}"
         if hook is not None and hook not in self.hooks:
-            return f"target '{self.name}' is not supported at hook {hook.name}"
+            why = f": {self.why_not}" if self.why_not else ""
+            return f"target '{self.name}' is not supported at hook {hook.name}{why}"
         for o in t.options:
             if o.name not in self.options:
                 return f"target '{self.name}' option '{o.name}' is not supported"
@@ -54,7 +56,8 @@ class Action:
 
 
 # Modules defining ``ACTIONS: tuple[Action, ...]``.
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = ("bpfilter.codegen.flavor_tc", "bpfilter.codegen.log",
+                             "bpfilter.codegen.reject")
 
 
 @functools.cache

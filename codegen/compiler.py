@@ -37,15 +37,34 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from bpfilter.codegen import asm, lookup
+from bpfilter.codegen import asm, flavor_packet, flavor_tc, flavor_xdp, lookup
 from bpfilter.codegen import flavor_netfilter as nf
 from bpfilter.codegen.actions import actions
 from bpfilter.codegen.asm import Label
+from bpfilter.codegen.flavor_packet import IfTarget
 from bpfilter.codegen.insn import CALL, EXIT, R0, R1, R2, R7, Insn
-from bpfilter.codegen.matchers import ALL_HOOKS, HEADER, MATCHERS, Emitter, Resources, header_fields
+from bpfilter.codegen.matchers import (
+    HEADER,
+    MATCHERS,
+    PACKET_HOOKS,
+    Emitter,
+    Resources,
+    header_fields,
+)
 from bpfilter.codegen.opcodes import CLASS_MASK, OP_MASK, Class, JmpOp, PseudoCall
 from bpfilter.codegen.spec import MapSpec
-from bpfilter.codegen.uapi import MAX_USED_MAPS, MapType, NfHook, NfPriority, NfProto, NfVerdict
+from bpfilter.codegen.uapi import (
+    MAX_USED_MAPS,
+    AttachType,
+    Hook,
+    IfHook,
+    MapType,
+    NfHook,
+    NfPriority,
+    NfProto,
+    NfVerdict,
+    ProgType,
+)
 from bpfilter.ir.model import Chain, Family, Match, Ruleset, Table, TargetKind
 from bpfilter.ir.model import Rule as IrRule
 from bpfilter.ir.optimizer import (
@@ -73,6 +92,10 @@ HOOKS: dict[str, dict[str, NfHook]] = {
 }
 PRIORITY = {"filter": int(NfPriority.FILTER), "raw": int(NfPriority.RAW)}
 VERDICT_TARGETS = {"ACCEPT": NfVerdict.ACCEPT, "DROP": NfVerdict.DROP}
+_SHORT = {IfHook.XDP: "xdp", IfHook.TC_INGRESS: "tci", IfHook.TC_EGRESS: "tce"}  # prog names
+IF_FLAVORS: dict[IfHook, flavor_packet.PacketFlavor] = {
+    IfHook.XDP: flavor_xdp.XDP, IfHook.TC_INGRESS: flavor_tc.TC_INGRESS,
+    IfHook.TC_EGRESS: flavor_tc.TC_EGRESS}
 
 
 class CompileError(ValueError):
@@ -98,12 +121,13 @@ class RuleRef(NamedTuple):
 # every instruction cost milliseconds per lookup for a thousand rules.
 @dataclass(frozen=True, slots=True, eq=False)
 class CompiledProgram:
-    """One netfilter program: where it attaches and its code (kernel offsets unresolved)."""
+    """One program: where it attaches and its code (kernel offsets unresolved). A netfilter
+    program, or with an IfHook an XDP or TC one (``target`` says for which interface)."""
 
     name: str
     table: str
     chain: str
-    hook: NfHook
+    hook: Hook
     pf: NfProto
     priority: int
     items: tuple[nf.Item, ...]
@@ -111,6 +135,9 @@ class CompiledProgram:
     rule_labels: tuple[tuple[str, int], ...]  # (label at a rule's first insn, counter index)
     funcs: tuple[tuple[str, str, nf.FuncKind], ...]  # (entry label, BTF name, signature)
     kfuncs: tuple[str, ...] = ("bpf_dynptr_from_skb",)
+    prog_type: ProgType = ProgType.NETFILTER
+    attach_type: AttachType = AttachType.NETFILTER
+    target: IfTarget | None = None
 
     def code(self, layout: nf.KernelLayout) -> list[Insn | Label]:
         """Instructions and labels ready for the link pass."""
@@ -167,7 +194,7 @@ class CompiledRuleset:
     def needs_conntrack(self) -> bool:
         return any(p.needs.conntrack for p in self.programs)
 
-    def program(self, hook: NfHook, table: str = "filter") -> CompiledProgram | None:
+    def program(self, hook: Hook, table: str = "filter") -> CompiledProgram | None:
         """The program of ``table`` at ``hook``; None when that chain needs none."""
         for p in self.programs:
             if p.hook == hook and p.table == table:
@@ -177,8 +204,13 @@ class CompiledRuleset:
 
 def compile_ruleset(ruleset: Ruleset, family: int = 4, *, optimize: bool = True,
                     min_run: int = MIN_RUN, min_classifier: int = MIN_CLASSIFIER,
-                    max_classifier: int = MAX_CLASSIFIER) -> CompiledRuleset:
+                    max_classifier: int = MAX_CLASSIFIER,
+                    target: IfTarget | None = None) -> CompiledRuleset:
     """Compile the filter and raw tables of ``ruleset`` for IPv4 (4) or IPv6 (6).
+
+    With ``target``, compile instead one XDP or TC program (codegen/flavor_packet): the
+    filter table's built-in chain ``target.chain`` and the user chains it reaches; any other
+    table is refused.
 
     With ``optimize``, runs of at least ``min_run`` rules that one map lookup can decide
     become lookups, and stretches of at least ``min_classifier`` rules testing addresses,
@@ -191,7 +223,8 @@ def compile_ruleset(ruleset: Ruleset, family: int = 4, *, optimize: bool = True,
         raise ValueError(f"family must be 4 or 6, not {family}")
     with _no_cyclic_gc():
         return _compile(ruleset, family,
-                        _Lookups(family, optimize, min_run, min_classifier, max_classifier))
+                        _Lookups(family, optimize, min_run, min_classifier, max_classifier),
+                        target)
 
 
 @contextlib.contextmanager
@@ -208,7 +241,8 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _compile(ruleset: Ruleset, family: int, lookups: _Lookups) -> CompiledRuleset:
+def _compile(ruleset: Ruleset, family: int, lookups: _Lookups,
+             target: IfTarget | None = None) -> CompiledRuleset:
     want = Family.IP if family == 4 else Family.IP6
     index = RuleIndex()
     numbering: dict[tuple[str, str], int] = {}  # (table, chain) -> index of its first rule
@@ -219,6 +253,9 @@ def _compile(ruleset: Ruleset, family: int, lookups: _Lookups) -> CompiledRulese
                                f"not IPv{family}")
         if table.name not in HOOKS:
             raise CompileError(table.line, f"table '{table.name}' is not supported")
+        if target is not None and table.name != "filter":
+            raise CompileError(table.line, f"table '{table.name}' cannot run at "
+                               f"{target.hook.name}: only a chain of the filter table does")
         tables.append(table)
         for chain in table.chains:
             _check_chain(table, chain, family)
@@ -235,16 +272,29 @@ def _compile(ruleset: Ruleset, family: int, lookups: _Lookups) -> CompiledRulese
             if hook is None:
                 raise CompileError(chain.line, f"chain '{chain.name}' is not a built-in chain "
                                    f"of table '{table.name}'")
-            if not chain.rules and chain.policy == "ACCEPT":
+            if target is not None:
+                if chain.name != target.chain:
+                    continue
+                hook = target.hook
+            elif not chain.rules and chain.policy == "ACCEPT":
                 continue
-            programs.append(_Program(table, chain, hook, family, numbering, lookups).build())
+            programs.append(_Program(table, chain, hook, family, numbering, lookups,
+                                     target).build())
+    if target is not None and not programs:
+        raise CompileError(tables[0].line if tables else 0, f"the filter table has no "
+                           f"built-in chain {target.chain} to run at {target.hook.name}")
     counters = MapSpec(COUNTERS, MapType.PERCPU_ARRAY, 4, COUNTER_VALUE, max(1, len(index)))
+    fixed: tuple[MapSpec, ...] = (counters,)
+    if any(isinstance(run, Run) for _, _, run, _ in lookups.made):
+        # The table's switch (bpfilter.dispatch), which says which copy of the run maps
+        # is in use; the loader links the live one when there is one.
+        fixed += (MapSpec(lookup.CTL_MAP, MapType.ARRAY, 4, 4, 1),)
     res = lookups.res
     if len(res) > RESERVED_MAPS:
         raise CompileError(tables[0].line if tables else 0, f"the ruleset needs {len(res)} maps "
                            f"for its matches and targets; at most {RESERVED_MAPS} are supported")
     return CompiledRuleset(family, tuple(programs), index,
-                           (counters, *lookups.specs, *res.all_specs()),
+                           (*fixed, *lookups.specs, *res.all_specs()),
                            {**lookups.contents, **res.contents}, tuple(lookups.made))
 
 
@@ -280,9 +330,10 @@ class _Lookups:
         planned = [(t.name, c.name, run) for t in tables for c in t.chains
                    for run in plan(c.rules, self.family, self.min_run, self.min_classifier,
                                    self.max_classifier)]
-        budget = MAX_USED_MAPS - 1 - RESERVED_MAPS  # the counters take one
+        budget = MAX_USED_MAPS - 2 - RESERVED_MAPS  # the counters and the switch take two
         for t, c, run in sorted(planned, key=lambda x: -len(x[2].rules)):
-            cost = 1 if isinstance(run, Run) else len(lookup.CLASSIFIER_MAPS)
+            # A run's map has two copies (lookup.buffer_names).
+            cost = 2 if isinstance(run, Run) else len(lookup.CLASSIFIER_MAPS)
             if cost <= budget:
                 budget -= cost
                 self.chosen.setdefault((t, c), []).append(run)
@@ -312,8 +363,11 @@ class _Lookups:
             first = self.numbering[(table, chain.name)] + (1 if chain.is_base else 0)
             if isinstance(run, Run):
                 name = f"lookup_{len(self.names)}"
-                self.specs.append(lookup.map_spec(name, run))
-                self.contents[name] = lookup.map_contents(run, first + run.start)
+                spec = lookup.map_spec(name, run)
+                contents = lookup.map_contents(run, first + run.start)
+                for copy in lookup.buffer_names(name):
+                    self.specs.append(replace(spec, name=copy))
+                    self.contents[copy] = contents
             else:
                 name = f"cls{len(self.names)}"
                 for spec, contents in lookup.classifier_maps(name, run, first + run.start):
@@ -371,7 +425,7 @@ _NO_MATCH = Match("")  # header fields have no options to check
 # in a few milliseconds).
 _PLAIN_HEADER = ("-s", "-d", "-p")
 assert all(HEADER[n].needs == nf.Needs() and HEADER[n].check is None
-           and HEADER[n].families == frozenset({4, 6}) and HEADER[n].hooks == frozenset(NfHook)
+           and HEADER[n].families == frozenset({4, 6}) and HEADER[n].hooks == PACKET_HOOKS
            for n in _PLAIN_HEADER)
 
 
@@ -379,10 +433,11 @@ assert all(HEADER[n].needs == nf.Needs() and HEADER[n].check is None
 class _Program:
     table: Table
     base: Chain
-    hook: NfHook
+    hook: Hook
     family: int
     numbering: Mapping[tuple[str, str], int]
     lookups: _Lookups
+    target: IfTarget | None = None  # an XDP or TC program for this interface hook
     items: list[nf.Item] = field(default_factory=list)
     rule_labels: list[tuple[str, int]] = field(default_factory=list)
     funcs: list[tuple[str, str, nf.FuncKind]] = field(default_factory=list)
@@ -392,11 +447,26 @@ class _Program:
         chains = self._reachable()
         needs = _needs(r for c in (self.base, *chains) for r in c.rules)
         base_parts = [f"part:{i}" for i in range(len(self._parts(self.base)))]
+        flavor = None if self.target is None else IF_FLAVORS[self.target.hook]
+        if flavor is not None:  # refuse by rule line before the prologue looks at the needs
+            for c in (self.base, *chains):
+                for r in c.rules:
+                    self._check_hook(r)
         self._function(MAIN_FUNC, "bpfilter_main", nf.FuncKind.MAIN)
-        self.items.extend(nf.prologue(self.family, needs))
+        main = len(self.items)
+        if flavor is None:
+            self.items.extend(nf.prologue(self.family, needs))
+        else:
+            assert self.target is not None
+            self.items.extend(flavor.prologue(self.family, needs, self.target))
+        if any(isinstance(run, Run) for c in (self.base, *chains)
+               for run in self.lookups.chosen.get((self.table.name, c.name), ())):
+            self.items.extend(lookup.load_buffer_bit())
         self._call_parts(base_parts, "main:policy")
         self.items.append(Label("main:policy"))
         self.items.extend(self._policy())
+        if flavor is not None:
+            self.items[main:] = flavor.map_exits(self.items[main:], needs)
         self._emit_parts(self.base, base_parts, "part")
         for n, chain in enumerate(chains):
             label = _func(chain.name)
@@ -418,10 +488,16 @@ class _Program:
         items, live = live_code(self.items)
         pf = NfProto.IPV4 if self.family == 4 else NfProto.IPV6
         name = f"{self.table.name}_{self.base.name}{self.family}"[:15]
+        funcs = tuple(f for f in self.funcs if f[0] in live)
+        if flavor is not None:
+            name = f"{_SHORT[flavor.hook]}_{self.base.name}{self.family}"[:15]
+            return CompiledProgram(name, self.table.name, self.base.name, self.hook, pf, 0,
+                                   tuple(items), needs, tuple(self.rule_labels), funcs,
+                                   flavor.kfuncs, flavor.prog_type, flavor.attach_type,
+                                   self.target)
         return CompiledProgram(name, self.table.name, self.base.name, self.hook, pf,
                                PRIORITY[self.table.name], tuple(items), needs,
-                               tuple(self.rule_labels),
-                               tuple(f for f in self.funcs if f[0] in live))
+                               tuple(self.rule_labels), funcs)
 
     def _call_parts(self, labels: list[str], on_return: str) -> None:
         """Call each part in turn: CONTINUE goes on, RETURN jumps to ``on_return``, a verdict
@@ -458,12 +534,32 @@ class _Program:
     def _check_hook(self, rule: IrRule) -> None:
         """Refuse a match or target the program's hook cannot run (a rule of a user chain is
         checked at every hook that reaches it)."""
+        if self.target is not None and (rule.iif is not None or rule.oif is not None):
+            fields = header_fields(rule)
+            why = flavor_packet.refusal(rule, fields, self.target)
+            for name in fields:
+                if why is None and self.hook not in HEADER[name].hooks:
+                    why = HEADER[name].refusal(_NO_MATCH, self.family, self.hook)
+            if why is not None:
+                raise CompileError(rule.line, why)
         key = (id(rule.matches), id(rule.target))
         if key in self.hook_ok:
             return
+        if self.target is not None:
+            t = rule.target
+            names = [m.kind for m in rule.matches]
+            if t is not None and t.kind is TargetKind.EXTENSION:
+                names.append(t.name)
+            why = flavor_packet.refusal(rule, names, self.target)
+            if why is None and all(self.hook in MATCHERS[m.kind].hooks for m in rule.matches) \
+                    and (t is None or t.kind is not TargetKind.EXTENSION
+                         or self.hook in actions()[t.name].hooks):
+                why = flavor_packet.needs_refusal(rule, self.target)
+            if why is not None:
+                raise CompileError(rule.line, why)
         for m in rule.matches:
             matcher = MATCHERS[m.kind]
-            if matcher.hooks != ALL_HOOKS:
+            if self.hook not in matcher.hooks:
                 why = matcher.refusal(m, self.family, self.hook)
                 if why is not None:
                     raise CompileError(rule.line, why)
@@ -649,9 +745,10 @@ def _unconditional_verdict(rule: IrRule) -> bool:
     """A rule no packet gets past: ACCEPT, DROP or RETURN with no test at all. The kernel's
     loop check (mark_source_chains) stops walking a chain there, so loops and bad jumps
     behind it load in iptables; here they are dead code."""
-    t = rule.target
-    return (t is not None and t.kind is TargetKind.VERDICT and not rule.matches
-            and not header_fields(rule))
+    # Cheapest tests first: this runs for every rule of every reachable chain.
+    return (rule.src is None and rule.dst is None and rule.proto is None and not rule.matches
+            and rule.iif is None and rule.oif is None and rule.fragment is None
+            and rule.target is not None and rule.target.kind is TargetKind.VERDICT)
 
 
 def _branch_cost(rule: IrRule) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TypeAlias
 
 from bpfilter.codegen import asm
@@ -27,12 +27,17 @@ from bpfilter.codegen.helpers import BpfFunc
 from bpfilter.codegen.insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Reg
 from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.uapi import (
+    ARPHRD_ETHER,
+    ETH_ALEN,
+    ETH_HLEN,
     IFNAMSIZ,
     IP_CT_IS_REPLY,
     IPS_DST_NAT,
     IPS_SRC_NAT,
     NFCT_INFOMASK,
     PKT_TYPE_MAX,
+    TCP_NEW_SYN_RECV,
+    TCP_TIME_WAIT,
     IpCtInfo,
     NfVerdict,
 )
@@ -56,12 +61,56 @@ FRAG = 116  # u32 fragment offset: IPv4 in 8-byte units (IP_OFFSET), IPv6 in byt
 PROTO_ERROR = 120  # u32 IPv6: extension header walk failed; a rule with -p hot-drops
 IP_LEN = 124  # u32 xt_length's length: IPv4 tot_len, IPv6 payload_len + 40
 PKT_TYPE = 128  # u32 skb->pkt_type (PacketType)
-META_SIZE = 136
+LOOKUP_BUFFER = 132  # u32 which copy of the runs' double-buffered maps (codegen/lookup) to use
+RT = 136  # IPv6: the first routing header's first 8 bytes (ipv6_rt_hdr + rt0_hdr.reserved)
+RT_OFF = 144  # u32 its offset from the IPv6 header
+RT_STATE = 148  # u32 what ipv6_find_hdr(NEXTHDR_ROUTING) gives: HDR_NONE, HDR_FOUND, HDR_ERROR
+# Conntrack details, filled only when the packet has a conntrack entry (CT_STATE has one of
+# the NEW, ESTABLISHED, RELATED bits), zero otherwise:
+CT_DIR = 152  # u32 1 in the reply direction (ctinfo >= IP_CT_IS_REPLY)
+CT_STATUS = 156  # u32 nf_conn.status (its low 32 bits: the IPS_* flags)
+CT_MARK = 160  # u32 nf_conn.mark
+CT_EXPIRES = 164  # u32 jiffies left before the entry times out (nf_ct_expires)
+CT_ORIG = 168  # struct nf_conntrack_tuple of the original direction, as in the kernel
+CT_REPL = 208  # struct nf_conntrack_tuple of the reply direction (read members: KField.TUPLE_*)
+MAC_SRC = 248  # 6 bytes: the Ethernet source address, when MAC_OK
+MAC_OK = 256  # u32 1 when xt_mac could read a MAC header (Ethernet device, header in place)
+# u64 the sk_buff's address, a plain number to the verifier: targets that need more of the
+# packet than the meta area holds (LOG) read it with bpf_probe_read_kernel.
+SKB_ADDR = 264
+# TCP options as tcp_find_option and tcpmss_mt walk them (Needs.tcp_options), for a TCP header
+# that is fully there (L4_LEN = 20); zero otherwise:
+TCP_OPT_STATE = 272  # u32 TCP_OPT_NONE, TCP_OPT_OK or TCP_OPT_BAD
+TCP_MSS = 276  # u32 0x10000 | the value of the first well-formed MSS option, else 0
+TCP_KINDS = 280  # 32 bytes: bit k set when the walk visits an option of kind k
+NET_ADDR = 312  # u64 the hook's struct net (state->net), a plain number (LOG --log-uid)
+# The socket xt_owner looks at (Needs.owner): OWNER_NONE, OWNER_NO_FILE or OWNER_FILE, and
+# with a file the fsuid and fsgid of its credentials.
+OWNER_STATE = 320
+OWNER_UID = 324
+OWNER_GID = 328
+FH = 336  # IPv6: the first fragment header (struct frag_hdr, 8 bytes) (Needs.fragment)
+FH_STATE = 344  # u32 what ipv6_find_hdr(NEXTHDR_FRAGMENT) gives: HDR_NONE, HDR_FOUND, HDR_ERROR
+# u32 ip6t_ipv6header's walk (Needs.ipv6header): the MASK_* bits of the headers seen, or
+# IPV6HDR_FALSE / IPV6HDR_HOTDROP when the match gives that whatever its options.
+IPV6HDR = 348
+META_SIZE = 352
 
 # --- the main frame: meta area, dynptr, scratch -----------------------------------------------
 META = -META_SIZE  # R7 = FP + META
 DYNPTR = META - 16  # struct bpf_dynptr (16 bytes, 8-aligned)
 SCRATCH = DYNPTR - 8  # IPv6 extension header bytes; nf_conn.status
+TCP_OPT_RAW = SCRATCH - 48  # the TCP options (at most 40 bytes, then zeros), prologue only
+TCP_OPT_MAX = 40  # 15 * 4 - sizeof(struct tcphdr)
+IPPROTO_TCP = 6
+TCP_OPT_NONE = 0  # no options (doff 5)
+TCP_OPT_OK = 1
+TCP_OPT_BAD = 2  # doff < 5 or the options cut short: tcp_mt and tcpmss_mt hot-drop
+TCPOPT_MSS = 2
+OWNER_NONE = 0  # no full socket, no struct socket, or one of another network namespace
+OWNER_NO_FILE = 1  # a struct socket without a file (kernel sockets: RST and ICMP replies)
+OWNER_FILE = 2
+TCPOLEN_MSS = 4
 
 IPV4_HEADER = 20
 IPV6_HEADER = 40
@@ -76,7 +125,25 @@ NEXTHDR_NONE = 59
 NEXTHDR_DEST = 60
 IPV6_EXT = (NEXTHDR_HOP, NEXTHDR_ROUTING, NEXTHDR_FRAGMENT, NEXTHDR_AUTH, NEXTHDR_DEST)
 
+# ipv6_find_hdr(skb, &ptr, TYPE, NULL, NULL) as ip6t_rt and ip6t_frag call it, recorded by
+# the prologue's walk (RT_STATE, FH_STATE):
+HDR_NONE = 0  # -ENOENT: no such header before the upper-layer one (or a later fragment)
+HDR_FOUND = 1  # found, and the bytes the match reads at once are there
+HDR_ERROR = 2  # -EBADMSG, a short header, or more than IPV6_EXT_MAX headers before it: the
+#                match hot-drops
+
+# ip6t_ipv6header.h: the header kinds a packet has, as bits.
+MASK_HOPOPTS, MASK_DSTOPTS, MASK_ROUTING, MASK_FRAGMENT = 128, 64, 32, 16
+MASK_AH, MASK_ESP, MASK_NONE, MASK_PROTO = 8, 4, 2, 1
+IPV6HDR_FALSE = 0x100  # too short for the next extension header: no match
+IPV6HDR_HOTDROP = 0x200  # unreadable (or more than IPV6_EXT_MAX headers): hot drop
+NEXTHDR_ESP = 50
+_IPV6HDR_BITS = {NEXTHDR_HOP: MASK_HOPOPTS, NEXTHDR_ROUTING: MASK_ROUTING,
+                 NEXTHDR_FRAGMENT: MASK_FRAGMENT, NEXTHDR_AUTH: MASK_AH,
+                 NEXTHDR_DEST: MASK_DSTOPTS}
+
 CT_INVALID = 1
+CT_TRACKED = 2 | 4 | 8  # ESTABLISHED, RELATED, NEW: the packet has a conntrack entry
 CT_UNTRACKED = 64
 CT_SNAT = 256
 CT_DNAT = 512
@@ -101,6 +168,40 @@ class KField(enum.Enum):
     SKB_LEN = ("sk_buff", "len")
     CT_STATUS = ("nf_conn", "status")
     SKB_PKT_TYPE = ("sk_buff", "pkt_type")  # a bitfield starting on a byte (low bits)
+    CT_TIMEOUT = ("nf_conn", "timeout")  # u32 jiffies (absolute once confirmed)
+    CT_CONNMARK = ("nf_conn", "mark")
+    CT_TUPLEHASH = ("nf_conn", "tuplehash")  # [IP_CT_DIR_ORIGINAL], then [IP_CT_DIR_REPLY]
+    TUPLEHASH_TUPLE = ("nf_conntrack_tuple_hash", "tuple")
+    TUPLE_SRC_ADDR = ("nf_conntrack_tuple", "src.u3")  # union nf_inet_addr (16 bytes)
+    TUPLE_SRC_PORT = ("nf_conntrack_tuple", "src.u")  # __be16 port (ICMP: the id)
+    TUPLE_DST_ADDR = ("nf_conntrack_tuple", "dst.u3")
+    TUPLE_DST_PORT = ("nf_conntrack_tuple", "dst.u")  # __be16 port (ICMP: type, code)
+    TUPLE_PROTO = ("nf_conntrack_tuple", "dst.protonum")  # u8
+    SK_LISTENER = ("request_sock", "__req_common.skc_listener")  # rsk_listener
+    # Read by LOG through bpf_probe_read_kernel from SKB_ADDR (codegen/log):
+    SKB_DATA = ("sk_buff", "data")
+    SKB_DATA_LEN = ("sk_buff", "data_len")
+    SKB_HEAD = ("sk_buff", "head")
+    SKB_MAC_HEADER = ("sk_buff", "mac_header")
+    SKB_NETWORK_HEADER = ("sk_buff", "network_header")
+    SKB_DEV = ("sk_buff", "dev")
+    SKB_VLAN_ALL = ("sk_buff", "vlan_all")
+    DEV_HARD_HEADER_LEN = ("net_device", "hard_header_len")
+    DEV_TYPE = ("net_device", "type")
+    # Read by REJECT the same way (codegen/reject):
+    SKB_CSUM = ("sk_buff", "csum")  # __wsum: with CHECKSUM_COMPLETE, the packet's sum
+    SKB_REFDST = ("sk_buff", "_skb_refdst")  # dst_entry pointer | SKB_DST_NOREF
+    RT_FLAGS = ("rtable", "rt_flags")  # RTCF_*: struct rtable begins with its dst_entry
+    # LOG --log-uid (codegen/log): skb->sk->sk_socket->file->f_cred->fsuid, as nf_log_syslog.
+    STATE_NET = ("nf_hook_state", "net")
+    SKB_SK = ("sk_buff", "sk")
+    SOCK_STATE = ("sock", "__sk_common.skc_state")
+    SOCK_NET = ("sock", "__sk_common.skc_net")
+    SOCK_SOCKET = ("sock", "sk_socket")
+    SOCKET_FILE = ("socket", "file")
+    FILE_CRED = ("file", "f_cred")
+    CRED_FSUID = ("cred", "fsuid")
+    CRED_FSGID = ("cred", "fsgid")
 
     @property
     def struct(self) -> str:
@@ -131,7 +232,14 @@ class FieldAddress:
     field: KField
 
 
-Item: TypeAlias = Insn | Label | FieldLoad | FieldAddress
+@dataclass(frozen=True, slots=True)
+class KernelHz:
+    """``dst = HZ``, the kernel's jiffies per second (CONFIG_HZ), resolved by a KernelLayout."""
+
+    dst: Reg
+
+
+Item: TypeAlias = Insn | Label | FieldLoad | FieldAddress | KernelHz
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +247,7 @@ class KernelLayout:
     """Byte offsets of every KField in the running kernel."""
 
     offsets: Mapping[KField, int]
+    hz: int = 0  # CONFIG_HZ; 0 when unknown (code that needs it then cannot be resolved)
 
     def __post_init__(self) -> None:
         missing = [f.name for f in KField if f not in self.offsets]
@@ -154,6 +263,10 @@ class KernelLayout:
                 out.append(asm.ldx(it.size, it.dst, it.src, off, comment=it.comment))
             elif isinstance(it, FieldAddress):
                 out.append(asm.add64(it.dst, self.offsets[it.field]))
+            elif isinstance(it, KernelHz):
+                if self.hz <= 0:
+                    raise ValueError("the kernel's HZ is unknown (needed by --ctexpire)")
+                out.append(asm.mov64(it.dst, self.hz, comment="HZ"))
             else:
                 out.append(it)
         return out
@@ -168,12 +281,24 @@ class Needs:
     conntrack: bool = False
     conntrack_nat: bool = False  # the SNAT/DNAT state bits: nf_conn.status is read too
     pkt_type: bool = False
+    routing: bool = False  # IPv6: RT, RT_OFF, RT_STATE
+    fragment: bool = False  # IPv6: FH, FH_STATE
+    ipv6header: bool = False  # IPv6: IPV6HDR
+
+    ct_dir: bool = False  # CT_DIR (with conntrack)
+    ct_status: bool = False  # CT_STATUS
+    ct_mark: bool = False  # CT_MARK
+    ct_expires: bool = False  # CT_EXPIRES
+    ct_tuples: bool = False  # CT_ORIG, CT_REPL
+    mac: bool = False  # MAC_SRC, MAC_OK
+    tcp_options: bool = False  # TCP_OPT_STATE, TCP_MSS, TCP_KINDS
+    owner: bool = False  # OWNER_STATE, OWNER_UID, OWNER_GID
+    skb: bool = False  # SKB_ADDR
+    hook_net: bool = False  # NET_ADDR
 
     def __or__(self, other: Needs) -> Needs:
-        return Needs(self.devices or other.devices, self.mark or other.mark,
-                     self.conntrack or other.conntrack,
-                     self.conntrack_nat or other.conntrack_nat,
-                     self.pkt_type or other.pkt_type)
+        return Needs(**{f.name: getattr(self, f.name) or getattr(other, f.name)
+                        for f in fields(Needs)})
 
 
 def _dynptr_read(dst: Reg, dst_off: int, size: Reg | int, offset: list[Item]) -> list[Item]:
@@ -209,13 +334,139 @@ def _device(slot: int, which: KField) -> list[Item]:
     ]
 
 
-def _conntrack(nat: bool) -> list[Item]:
+# sizeof(struct nf_conntrack_tuple) and sizeof(struct nf_conntrack_tuple_hash): stable since
+# 2.6 (tests/kernel check them against BTF); probe reads need constant sizes.
+CT_TUPLE_SIZE = 40
+CT_TUPLE_HASH_SIZE = 56
+
+
+def _ct_read(meta_off: int, size: int, where: Sequence[Item], what: str) -> list[Item]:
+    """``meta[meta_off:] = *(ct + where)`` for ``size`` bytes (R9 = ct), zeroed on a fault."""
+    return [
+        asm.mov64(R1, R7),
+        asm.add64(R1, meta_off),
+        asm.mov64(R2, size),
+        asm.mov64(R3, R9),
+        *where,
+        asm.call_helper(BpfFunc.probe_read_kernel, comment=f"meta = ct->{what}"),
+    ]
+
+
+def _ct_details(needs: Needs) -> list[Item]:
+    """The nf_conn fields xt_conntrack and xt_connmark read beyond the state (R9 = ct)."""
+    out: list[Item] = []
+    if needs.ct_status:
+        out += _ct_read(CT_STATUS, 4, [FieldAddress(R3, KField.CT_STATUS)], "status")
+    if needs.ct_mark:
+        out += _ct_read(CT_MARK, 4, [FieldAddress(R3, KField.CT_CONNMARK)], "mark")
+    if needs.ct_tuples:
+        orig = [FieldAddress(R3, KField.CT_TUPLEHASH), FieldAddress(R3, KField.TUPLEHASH_TUPLE)]
+        repl = [FieldAddress(R3, KField.CT_TUPLEHASH), asm.add64(R3, CT_TUPLE_HASH_SIZE),
+                FieldAddress(R3, KField.TUPLEHASH_TUPLE)]
+        out += _ct_read(CT_ORIG, CT_TUPLE_SIZE, orig, "tuplehash[ORIGINAL].tuple")
+        out += _ct_read(CT_REPL, CT_TUPLE_SIZE, repl, "tuplehash[REPLY].tuple")
+    if needs.ct_expires:
+        # nf_ct_expires(): max((s32)(ct->timeout - (u32)jiffies), 0). An unconfirmed entry
+        # holds a relative timeout there, and the kernel computes the same difference.
+        out += _ct_read(CT_EXPIRES, 4, [FieldAddress(R3, KField.CT_TIMEOUT)], "timeout")
+        out += [
+            asm.call_helper(BpfFunc.jiffies64),
+            asm.ldx(Size.W, R1, R7, CT_EXPIRES),
+            asm.sub32(R1, R0),
+            asm.jmp32("jsge", R1, 0, "prologue:ct:expires"),
+            asm.mov32(R1, 0),
+            Label("prologue:ct:expires"),
+            asm.stx(Size.W, R7, CT_EXPIRES, R1),
+        ]
+    return out
+
+
+def _mac_source() -> list[Item]:
+    # xt_mac: a device of type ARPHRD_ETHER and a MAC header lying in front of skb->data
+    # (skb_mac_header(skb) + ETH_HLEN <= skb->data; an unset mac_header, 0xffff, fails that),
+    # else no match whatever the negation. head and data are plain numbers to the verifier.
+    done = "prologue:mac:done"
+    return [
+        FieldLoad(Size.DW, R1, R8, KField.SKB_DEV, comment="r1 = skb->dev"),
+        asm.jmp("jeq", R1, 0, done),
+        FieldLoad(Size.H, R2, R1, KField.DEV_TYPE),
+        asm.jmp("jne", R2, ARPHRD_ETHER, done),
+        FieldLoad(Size.H, R2, R8, KField.SKB_MAC_HEADER),
+        FieldLoad(Size.DW, R3, R8, KField.SKB_HEAD),
+        FieldLoad(Size.DW, R4, R8, KField.SKB_DATA),
+        asm.add64(R3, R2),
+        asm.mov64(R5, R3),
+        asm.add64(R5, ETH_HLEN),
+        asm.jmp("jgt", R5, R4, done),
+        asm.add64(R3, ETH_ALEN, comment="h_source"),
+        asm.mov64(R1, R7),
+        asm.add64(R1, MAC_SRC),
+        asm.mov64(R2, ETH_ALEN),
+        asm.call_helper(BpfFunc.probe_read_kernel, comment="meta = eth_hdr(skb)->h_source"),
+        asm.jmp("jne", R0, 0, done),
+        asm.st(Size.W, R7, MAC_OK, 1),
+        Label(done),
+    ]
+
+
+def _kread(size: Size, dst: Reg, base: Reg, fld: KField) -> list[Item]:
+    """``dst = *(base + offsetof(fld))`` through bpf_probe_read_kernel (0 on a fault): the
+    socket chain holds plain numbers, and a request sock is not the struct sock BTF says."""
+    return [
+        asm.mov64(R3, base),
+        FieldAddress(R3, fld),
+        asm.mov64(R1, FP),
+        asm.add64(R1, SCRATCH),
+        asm.mov64(R2, size.nbytes),
+        asm.call_helper(BpfFunc.probe_read_kernel, comment=f"{fld.struct}.{fld.member}"),
+        asm.ldx(size, dst, FP, SCRATCH),
+        asm.st(Size.DW, FP, SCRATCH, 0),
+    ]
+
+
+def _owner() -> list[Item]:
+    # owner_mt: sk = skb_to_full_sk(skb) (a request sock stands for its listener, a
+    # time-wait sock for none); no sk, no sk->sk_socket or another network namespace than
+    # the hook's: OWNER_NONE; a socket without file: OWNER_NO_FILE; else the file's
+    # f_cred->fsuid and fsgid. R9 walks the chain; `done` keeps the state written so far.
+    done, full = "prologue:owner:done", "prologue:owner:full"
+    return [
+        FieldLoad(Size.DW, R9, R8, KField.SKB_SK, comment="r9 = skb->sk"),
+        asm.jmp("jeq", R9, 0, done),
+        *_kread(Size.B, R1, R9, KField.SOCK_STATE),
+        asm.jmp("jne", R1, TCP_NEW_SYN_RECV, full),
+        *_kread(Size.DW, R9, R9, KField.SK_LISTENER),
+        asm.jmp("jeq", R9, 0, done),
+        *_kread(Size.B, R1, R9, KField.SOCK_STATE),
+        Label(full),
+        asm.jmp("jeq", R1, TCP_TIME_WAIT, done),
+        *_kread(Size.DW, R1, R9, KField.SOCK_NET),
+        FieldLoad(Size.DW, R2, R6, KField.CTX_STATE),
+        FieldLoad(Size.DW, R2, R2, KField.STATE_NET),
+        asm.jmp("jne", R1, R2, done),
+        *_kread(Size.DW, R9, R9, KField.SOCK_SOCKET),
+        asm.jmp("jeq", R9, 0, done),
+        asm.st(Size.W, R7, OWNER_STATE, OWNER_NO_FILE),
+        *_kread(Size.DW, R9, R9, KField.SOCKET_FILE),
+        asm.jmp("jeq", R9, 0, done),
+        *_kread(Size.DW, R9, R9, KField.FILE_CRED),
+        asm.jmp("jeq", R9, 0, done),
+        *_kread(Size.W, R1, R9, KField.CRED_FSUID),
+        asm.stx(Size.W, R7, OWNER_UID, R1),
+        *_kread(Size.W, R1, R9, KField.CRED_FSGID),
+        asm.stx(Size.W, R7, OWNER_GID, R1),
+        asm.st(Size.W, R7, OWNER_STATE, OWNER_FILE),
+        Label(done),
+    ]
+
+
+def _conntrack(needs: Needs) -> list[Item]:
     # nf_ct_get(): _nfct is the nf_conn pointer with ctinfo in the low bits. No conntrack:
     # INVALID, unless ctinfo says UNTRACKED; otherwise xt_conntrack's
     # XT_CONNTRACK_STATE_BIT(ctinfo) = 1 << (ctinfo % IP_CT_IS_REPLY + 1), plus the SNAT and
     # DNAT bits from nf_conn.status (read with bpf_probe_read_kernel: the pointer is a plain
-    # number to the verifier).
-    nat_bits: list[Item] = [] if not nat else [
+    # number to the verifier). Then the details some rule needs (_ct_details).
+    nat_bits: list[Item] = [] if not needs.conntrack_nat else [
         asm.stx(Size.W, R7, CT_STATE, R1),
         asm.mov64(R3, R9),
         FieldAddress(R3, KField.CT_STATUS),
@@ -250,12 +501,18 @@ def _conntrack(nat: bool) -> list[Item]:
         asm.ja("prologue:ct:done"),
         Label("prologue:ct:tracked"),
         asm.mov64(R9, R1, comment="r9 = ct"),
+        *([] if not needs.ct_dir else [
+            asm.jmp("jlt", R2, IP_CT_IS_REPLY, "prologue:ct:original"),
+            asm.st(Size.W, R7, CT_DIR, 1, comment="CTINFO2DIR: reply"),
+            Label("prologue:ct:original"),
+        ]),
         asm.mod64(R2, IP_CT_IS_REPLY),
         asm.add64(R2, 1),
         asm.mov64(R1, 1),
         asm.lsh64(R1, R2),
         *nat_bits,
         asm.stx(Size.W, R7, CT_STATE, R1),
+        *_ct_details(needs),
         Label("prologue:ct:done"),
     ]
 
@@ -279,9 +536,114 @@ def _ipv4_facts() -> list[Item]:
     ]
 
 
-def _ipv6_facts() -> list[Item]:
+@dataclass(frozen=True, slots=True)
+class _Recorded:
+    """An extension header a match finds with ipv6_find_hdr(TYPE): the first one of its
+    type, recorded during the walk with the bytes the match reads."""
+
+    nexthdr: int
+    data: int  # meta offset of its first bytes
+    state: int  # meta offset of its HDR_* state
+    need: int  # bytes that must be there (else the match hot-drops)
+    more: int = 0  # bytes after those, copied when present
+    offset: int | None = None  # meta offset of its offset from the IPv6 header
+
+
+_ROUTING = _Recorded(NEXTHDR_ROUTING, RT, RT_STATE, 4, 4, RT_OFF)  # ipv6_rt_hdr, reserved
+_FRAGMENT = _Recorded(NEXTHDR_FRAGMENT, FH, FH_STATE, 8)  # struct frag_hdr
+
+
+def _record_header(ext: str, h: _Recorded) -> list[Item]:
+    """At extension header ``ext`` (R8 its type, R9 its offset): the first header of type
+    ``h.nexthdr`` is where ipv6_find_hdr(h.nexthdr) stops; record it as the match reads it."""
+    done, state = f"{ext}:{h.nexthdr}:done", f"{ext}:{h.nexthdr}:state"
+    out: list[Item] = [
+        asm.jmp("jne", R8, h.nexthdr, done),
+        asm.ldx(Size.W, R1, R7, h.state),
+        asm.jmp("jne", R1, HDR_NONE, done),
+        *_read(h.data, h.need, R9),
+        asm.mov64(R1, HDR_ERROR),
+        asm.jmp("jne", R0, 0, state),
+    ]
+    if h.offset is not None:
+        out.append(asm.stx(Size.W, R7, h.offset, R9))
+    if h.more:
+        # Unreadable only when the header is cut short, which the match checks first
+        # (ip6t_rt: skb->len - ptr < hdrlen), so a failed read is never looked at.
+        out += _dynptr_read(R7, h.data + h.need, h.more,
+                            [asm.mov64(R4, R9), asm.add64(R4, h.need)])
+    return [*out, asm.mov64(R1, HDR_FOUND), Label(state), asm.stx(Size.W, R7, h.state, R1),
+            Label(done)]
+
+
+def _ipv6header_walk() -> list[Item]:
+    """ipv6header_mt6's own walk over every extension header (unlike ipv6_find_hdr it goes on
+    past a later fragment and stops at ESP), unrolled; leaves IPV6HDR. R8 and R9 as in the
+    main walk, which starts afresh after it."""
+    end, finish = "prologue:v6h:end", "prologue:v6h:finish"
+    out: list[Item] = [asm.ldx(Size.B, R8, R7, L3 + 6), asm.mov64(R9, IPV6_HEADER)]
+
+    def set_bits(bits: int) -> list[Item]:
+        return [asm.ldx(Size.W, R1, R7, IPV6HDR), asm.or64(R1, bits),
+                asm.stx(Size.W, R7, IPV6HDR, R1)]
+
+    for i in range(IPV6_EXT_MAX + 1):
+        step = f"prologue:v6h:{i}"
+        out += [asm.jmp("jeq", R8, NEXTHDR_NONE, "prologue:v6h:none")]
+        out += [asm.jmp("jeq", R8, n, step) for n in (*_IPV6HDR_BITS, NEXTHDR_ESP)]
+        out += [asm.ja(finish), Label(step)]
+        if i == IPV6_EXT_MAX:  # still in the loop: more headers than the walk follows
+            out += [asm.st(Size.W, R7, IPV6HDR, IPV6HDR_HOTDROP), asm.ja(end)]
+            break
+        have = f"{step}:len"
+        out += [
+            # len = skb->len - ptr: room for the 2-byte ipv6_opt_hdr, else no match
+            asm.ldx(Size.W, R1, R7, SKB_LEN), asm.sub64(R1, R9),
+            asm.jmp("jslt", R1, 2, "prologue:v6h:false"),
+            asm.jmp("jeq", R8, NEXTHDR_ESP, "prologue:v6h:esp"),
+            *_read_scratch(2, 0),
+            asm.jmp("jne", R0, 0, "prologue:v6h:hotdrop"),
+            asm.mov64(R2, 8, comment="fragment header length"),
+            asm.jmp("jeq", R8, NEXTHDR_FRAGMENT, have),
+            asm.ldx(Size.B, R2, FP, SCRATCH + 1),
+            asm.jmp("jne", R8, NEXTHDR_AUTH, f"{step}:opt"),
+            asm.add64(R2, 2, comment="ipv6_authlen"), asm.lsh64(R2, 2), asm.ja(have),
+            Label(f"{step}:opt"),
+            asm.add64(R2, 1, comment="ipv6_optlen"), asm.lsh64(R2, 3),
+            Label(have),
+            asm.ldx(Size.W, R1, R7, IPV6HDR),
+        ]
+        for n, bit in _IPV6HDR_BITS.items():
+            skip = f"{step}:not{n}"
+            out += [asm.jmp("jne", R8, n, skip), asm.or64(R1, bit), Label(skip)]
+        out += [
+            asm.stx(Size.W, R7, IPV6HDR, R1),
+            asm.ldx(Size.B, R8, FP, SCRATCH),
+            asm.add64(R9, R2),
+            asm.ldx(Size.W, R1, R7, SKB_LEN),
+            asm.jmp("jgt", R9, R1, finish, comment="ptr > skb->len: stop"),
+        ]
+    out += [
+        Label("prologue:v6h:none"), *set_bits(MASK_NONE), asm.ja(end),
+        Label("prologue:v6h:esp"), *set_bits(MASK_ESP), asm.ja(end),
+        Label(finish),
+        asm.jmp("jeq", R8, NEXTHDR_NONE, end),
+        asm.jmp("jeq", R8, NEXTHDR_ESP, end),
+        *set_bits(MASK_PROTO), asm.ja(end),
+        Label("prologue:v6h:false"), asm.st(Size.W, R7, IPV6HDR, IPV6HDR_FALSE), asm.ja(end),
+        Label("prologue:v6h:hotdrop"), asm.st(Size.W, R7, IPV6HDR, IPV6HDR_HOTDROP),
+        Label(end),
+    ]
+    return out
+
+
+def _ipv6_facts(needs: Needs | None = None) -> list[Item]:
     # ipv6_find_hdr(skb, &thoff, -1, &fragoff, NULL) as ip6_packet_match calls it, unrolled:
-    # R8 = next header, R9 = offset of the header it describes.
+    # R8 = next header, R9 = offset of the header it describes. The walk also records the
+    # headers ``needs`` asks for (ipv6_find_hdr with their type takes the same steps up to
+    # them; after a later fragment it answers -ENOENT, not an error).
+    recorded = [] if needs is None else [
+        h for h, wanted in ((_ROUTING, needs.routing), (_FRAGMENT, needs.fragment)) if wanted]
     out: list[Item] = [
         *_read(L3, IPV6_HEADER, 0),
         asm.jmp("jne", R0, 0, "prologue:unreadable"),
@@ -290,6 +652,7 @@ def _ipv6_facts() -> list[Item]:
         asm.add64(R1, IPV6_HEADER),
         asm.and64(R1, 0xFFFF, comment="xt_length keeps IPv6 lengths in a u16"),
         asm.stx(Size.W, R7, IP_LEN, R1),
+        *(_ipv6header_walk() if needs is not None and needs.ipv6header else []),
         asm.ldx(Size.B, R8, R7, L3 + 6, comment="r8 = nexthdr"),
         asm.mov64(R9, IPV6_HEADER),
     ]
@@ -299,8 +662,10 @@ def _ipv6_facts() -> list[Item]:
         out += [asm.ja("prologue:walked"), Label(ext)]
         # hp = skb_header_pointer(skb, start, 2): next header and length byte
         out += _read_scratch(2, 0)
+        out += [asm.jmp("jne", R0, 0, "prologue:walk_error")]
+        for h in recorded:
+            out += _record_header(ext, h)
         out += [
-            asm.jmp("jne", R0, 0, "prologue:walk_error"),
             asm.jmp("jne", R8, NEXTHDR_FRAGMENT, f"{ext}:notfrag"),
             *_read_scratch(2, 2),
             asm.jmp("jne", R0, 0, "prologue:walk_error"),
@@ -312,7 +677,8 @@ def _ipv6_facts() -> list[Item]:
             # A later fragment: its next header is the answer unless that is another
             # extension header (then ipv6_find_hdr fails with fragoff still 0: hot drop).
             asm.ldx(Size.B, R8, FP, SCRATCH),
-            *[asm.jmp("jeq", R8, n, "prologue:walk_error") for n in IPV6_EXT],
+            *[asm.jmp("jeq", R8, n, "prologue:frag_error" if recorded else "prologue:walk_error")
+              for n in IPV6_EXT],
             asm.stx(Size.W, R7, FRAG, R1),
             asm.ja("prologue:walked"),
             Label(f"{ext}:notfrag"),
@@ -335,6 +701,19 @@ def _ipv6_facts() -> list[Item]:
         asm.stx(Size.W, R7, PROTO, R8),
         asm.ja("prologue:l4"),
         Label("prologue:walk_error"),
+    ]
+    for h in recorded:
+        # An error before the header is one for ipv6_find_hdr(its type) too.
+        skip = f"prologue:walk_error:{h.nexthdr}"
+        out += [
+            asm.ldx(Size.W, R1, R7, h.state),
+            asm.jmp("jne", R1, HDR_NONE, skip),
+            asm.st(Size.W, R7, h.state, HDR_ERROR),
+            Label(skip),
+        ]
+    if recorded:
+        out.append(Label("prologue:frag_error"))
+    out += [
         asm.st(Size.W, R7, PROTO_ERROR, 1),
         asm.ja("prologue:l4done"),
     ]
@@ -358,13 +737,22 @@ def prologue(family: int, needs: Needs) -> list[Item]:
         FieldLoad(Size.W, R1, R8, KField.SKB_LEN),
         asm.stx(Size.W, R7, SKB_LEN, R1),
     ]
+    if needs.skb:
+        out += [asm.stx(Size.DW, R7, SKB_ADDR, R8)]
+    if needs.hook_net:
+        out += [FieldLoad(Size.DW, R1, R6, KField.CTX_STATE),
+                FieldLoad(Size.DW, R1, R1, KField.STATE_NET), asm.stx(Size.DW, R7, NET_ADDR, R1)]
     if needs.mark:
         out += [FieldLoad(Size.W, R1, R8, KField.SKB_MARK), asm.stx(Size.W, R7, MARK, R1)]
     if needs.pkt_type:
         out += [FieldLoad(Size.B, R1, R8, KField.SKB_PKT_TYPE), asm.and64(R1, PKT_TYPE_MAX),
                 asm.stx(Size.W, R7, PKT_TYPE, R1)]
     if needs.conntrack or needs.conntrack_nat:
-        out += _conntrack(needs.conntrack_nat)
+        out += _conntrack(needs)
+    if needs.mac:
+        out += _mac_source()
+    if needs.owner:
+        out += _owner()
     if needs.devices:
         out += _device(IN_NAME, KField.STATE_IN) + _device(OUT_NAME, KField.STATE_OUT)
     out += [
@@ -375,7 +763,7 @@ def prologue(family: int, needs: Needs) -> list[Item]:
         asm.call_kfunc("bpf_dynptr_from_skb", comment="dynptr over the packet, 0 = IP header"),
         asm.jmp("jne", R0, 0, "prologue:unreadable"),
     ]
-    out += _ipv4_facts() if family == 4 else _ipv6_facts()
+    out += _ipv4_facts() if family == 4 else _ipv6_facts(needs)
     out += [
         Label("prologue:l4"),
         # L4_LEN = clamp(skb->len - thoff, 0, L4_BYTES); copy that much of the L4 header.
@@ -403,7 +791,78 @@ def prologue(family: int, needs: Needs) -> list[Item]:
         asm.exit_(),
         Label("prologue:l4done"),
     ]
+    if needs.tcp_options:
+        out += _tcp_options()
     return out
+
+
+def _tcp_options() -> list[Item]:
+    """Walk the TCP options once as tcp_find_option and tcpmss_mt do: kinds 0 and 1 take one
+    byte, others their length byte (a zero length counts as one). R9 = thoff."""
+    done, bad, loop, step, one = ("prologue:tcpopt:" + n for n in
+                                  ("done", "bad", "loop", "step", "one"))
+    return [
+        *[asm.st(Size.DW, FP, TCP_OPT_RAW + off, 0) for off in range(0, 48, 8)],
+        asm.ldx(Size.W, R1, R7, PROTO),
+        asm.jmp("jne", R1, IPPROTO_TCP, done),
+        asm.ldx(Size.W, R1, R7, L4_LEN),
+        asm.jmp("jne", R1, L4_BYTES, done),
+        asm.ldx(Size.B, R2, R7, L4 + 12, comment="doff << 4"),
+        asm.rsh64(R2, 4),
+        asm.lsh64(R2, 2),
+        asm.jmp("jlt", R2, L4_BYTES, bad),
+        asm.sub64(R2, L4_BYTES, comment="optlen"),
+        asm.jmp("jeq", R2, 0, done),
+        asm.mov64(R8, R2),
+        *_dynptr_read(FP, TCP_OPT_RAW, R2, [asm.mov64(R4, R9), asm.add64(R4, L4_BYTES)]),
+        asm.jmp("jne", R0, 0, bad),
+        asm.st(Size.W, R7, TCP_OPT_STATE, TCP_OPT_OK),
+        asm.mov64(R3, 0, comment="i"),
+        Label(loop),
+        asm.jmp("jge", R3, R8, done),
+        asm.mov64(R4, FP),
+        asm.add64(R4, R3),
+        asm.ldx(Size.B, R1, R4, TCP_OPT_RAW, comment="op[i]"),
+        asm.mov64(R5, R1),
+        asm.rsh64(R5, 3),
+        asm.add64(R5, R7),
+        asm.mov64(R2, R1),
+        asm.and64(R2, 7),
+        asm.mov64(R0, 1),
+        asm.lsh64(R0, R2),
+        asm.ldx(Size.B, R2, R5, TCP_KINDS),
+        asm.or64(R2, R0),
+        asm.stx(Size.B, R5, TCP_KINDS, R2),
+        # tcpmss_mt takes the first MSS option with length 4 and 4 bytes left
+        asm.jmp("jne", R1, TCPOPT_MSS, step),
+        asm.ldx(Size.W, R2, R7, TCP_MSS),
+        asm.jmp("jne", R2, 0, step),
+        asm.mov64(R2, R8),
+        asm.sub64(R2, R3),
+        asm.jmp("jlt", R2, TCPOLEN_MSS, step),
+        asm.ldx(Size.B, R2, R4, TCP_OPT_RAW + 1),
+        asm.jmp("jne", R2, TCPOLEN_MSS, step),
+        asm.ldx(Size.B, R2, R4, TCP_OPT_RAW + 2, comment="byte loads: i may be odd"),
+        asm.lsh64(R2, 8),
+        asm.ldx(Size.B, R0, R4, TCP_OPT_RAW + 3),
+        asm.or64(R2, R0),
+        asm.or64(R2, 0x10000),
+        asm.stx(Size.W, R7, TCP_MSS, R2),
+        Label(step),
+        asm.jmp("jlt", R1, 2, one),
+        asm.ldx(Size.B, R2, R4, TCP_OPT_RAW + 1, comment="op[i + 1]"),
+        asm.jmp("jeq", R2, 0, one),
+        asm.add64(R3, R2),
+        asm.jmp("jlt", R3, TCP_OPT_MAX, loop),
+        asm.ja(done),
+        Label(one),
+        asm.add64(R3, 1),
+        asm.jmp("jlt", R3, TCP_OPT_MAX, loop),
+        asm.ja(done),
+        Label(bad),
+        asm.st(Size.W, R7, TCP_OPT_STATE, TCP_OPT_BAD),
+        Label(done),
+    ]
 
 
 def verdict(value: int, comment: str | None = None) -> list[Item]:

@@ -9,6 +9,7 @@ classifier uses eight maps (``classifier_maps``) and ends the same way.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from bpfilter.codegen import asm
 from bpfilter.codegen import flavor_netfilter as nf
@@ -35,7 +36,31 @@ from bpfilter.ir.optimizer import (
 Items = tuple[tuple[bytes, bytes], ...]
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
+U32 = 0xFFFFFFFF
 VALUE = struct.Struct("<II")  # counter index, action
+
+# Every run's map exists twice, ``NAME`` (copy 0) and ``NAME_b`` (copy 1), and the table's
+# switch (``CTL_MAP``, bpfilter.dispatch) says in bit ``BUFFER_BIT`` which copy packets use.
+# A change that only edits entries is written into the copy no packet uses, then one write
+# of the switch flips every run at once (atomic, and a killed writer leaves the copy in use
+# untouched). The program reads the bit once per packet (prologue, into the meta area), so
+# all the lookups of one packet use the same copy.
+CTL_MAP = "ctl"
+BUFFER_BIT = 2
+BUFFER_SUFFIX = "_b"
+
+
+def buffer_names(name: str) -> tuple[str, str]:
+    """The two copies of run map ``name``: (copy 0, copy 1)."""
+    return name, name + BUFFER_SUFFIX
+
+
+def load_buffer_bit() -> list[nf.Item]:
+    """Store the switch's buffer bit (0 or BUFFER_BIT) in the meta area (R7); R1 is used."""
+    return [asm.ld_map_value(R1, CTL_MAP, 0, comment="&table switch"),
+            asm.ldx(Size.W, R1, R1, 0),
+            asm.and64(R1, BUFFER_BIT, comment="which copy of the lookup maps"),
+            asm.stx(Size.W, R7, nf.LOOKUP_BUFFER, R1)]
 KEY_SLOT = -24  # the key on the stack of the function doing the lookup (at most 20 bytes)
 INDEX_REG = R6  # after a hit: the counter index of the matching rule
 ACTION_REG = R8  # after a hit: its action number
@@ -45,8 +70,8 @@ _ADDR = {KeyField.SRC: (12, 8), KeyField.DST: (16, 24)}
 
 
 def key_size(run: Run) -> int:
-    """Bytes of the run's map key: u32 prefix length + address (a trie), an address (full
-    length prefixes: a hash), or a u32 protocol or port (host order)."""
+    """Bytes of the run's map key: u32 prefix length + address (a trie), an address masked
+    to the run's one prefix length (a hash), or a u32 protocol or port (host order)."""
     if run.field.is_interface:
         return IFNAMSIZ
     if not run.field.is_prefix:
@@ -62,23 +87,28 @@ def map_spec(name: str, run: Run) -> MapSpec:
     return MapSpec(name, MapType.HASH, key_size(run), VALUE.size, len(run.entries))
 
 
-def map_contents(run: Run, first_index: int) -> tuple[tuple[bytes, bytes], ...]:
+def map_contents(run: Run, first_index: int,
+                 slots: Sequence[int] | None = None) -> tuple[tuple[bytes, bytes], ...]:
     """(key, value) pairs for the run's map; ``first_index`` is the counter index of the
-    first rule of the run (rules of a chain have consecutive counter indices)."""
+    first rule of the run (rules of a chain have consecutive counter indices), unless
+    ``slots`` gives rule k's counter index as ``slots[k]`` (a numbering kept across
+    incremental changes, bpfilter.state)."""
     pack = VALUE.pack
     acts = run.action_of
+    index: Sequence[int] = range(first_index, first_index + len(run.rules)) \
+        if slots is None else slots
     if run.field.is_interface:
-        return tuple((key.to_bytes(IFNAMSIZ, "big"), pack(first_index + k, acts[k]))
+        return tuple((key.to_bytes(IFNAMSIZ, "big"), pack(index[k], acts[k]))
                      for key, _, k in run.entries)
     if not run.field.is_prefix:
-        return tuple((struct.pack("<I", key), pack(first_index + k, acts[k]))
+        return tuple((struct.pack("<I", key), pack(index[k], acts[k]))
                      for key, _, k in run.entries)
     nbytes = run.bits // 8
     if run.exact:
-        return tuple((addr.to_bytes(nbytes, "big"), pack(first_index + k, acts[k]))
+        return tuple((addr.to_bytes(nbytes, "big"), pack(index[k], acts[k]))
                      for addr, _, k in run.entries)
     return tuple((length.to_bytes(4, "little") + addr.to_bytes(nbytes, "big"),
-                  pack(first_index + k, acts[k]))
+                  pack(index[k], acts[k]))
                  for addr, length, k in run.entries)
 
 
@@ -112,17 +142,40 @@ def emit_lookup(em: Emitter, run: Run, map_name: str) -> None:
         if not run.exact:
             em.emit(asm.st(Size.W, FP, KEY_SLOT, run.bits, comment="key.prefixlen"))
             at += 4
-        for i in range(0, run.bits // 8, 4):
-            em.emit(asm.ldx(Size.W, R1, R7, off + i), asm.stx(Size.W, FP, at + i, R1))
-    em.emit(
-        asm.ld_map_fd(R1, map_name),
-        asm.mov64(R2, FP),
-        asm.add64(R2, KEY_SLOT),
-        asm.call_helper(BpfFunc.map_lookup_elem),
-        asm.jmp("jeq", R0, 0, em.fail),
-        asm.ldx(Size.W, INDEX_REG, R0, 0, comment="counter index of the first match"),
-        asm.ldx(Size.W, ACTION_REG, R0, 4, comment="its action"),
-    )
+            masks = [U32] * (run.bits // 32)
+        else:  # one prefix length: the address masked to it
+            n = run.key_length
+            full = ((1 << n) - 1) << (run.bits - n)
+            mask = full.to_bytes(run.bits // 8, "big")
+            masks = [int.from_bytes(mask[i:i + 4], "little") for i in range(0, len(mask), 4)]
+        for i, m in zip(range(0, run.bits // 8, 4), masks, strict=True):
+            if m == 0:
+                em.emit(asm.st(Size.W, FP, at + i, 0))
+                continue
+            em.emit(asm.ldx(Size.W, R1, R7, off + i))
+            if m != U32:
+                em.emit(asm.alu32("and", R1, m))
+            em.emit(asm.stx(Size.W, FP, at + i, R1))
+    # One lookup per copy, each ending in plain numbers: at the join no register holds a
+    # pointer into either map, so the verifier's states from both sides compare equal and
+    # the rest of the function is checked once.
+    other, join = em.label("copy1"), em.label("copied")
+    em.emit(asm.ldx(Size.W, R1, R7, nf.LOOKUP_BUFFER), asm.jmp("jne", R1, 0, other))
+    for copy, name in enumerate(buffer_names(map_name)):
+        if copy:
+            em.emit(Label(other))
+        em.emit(
+            asm.ld_map_fd(R1, name),
+            asm.mov64(R2, FP),
+            asm.add64(R2, KEY_SLOT),
+            asm.call_helper(BpfFunc.map_lookup_elem),
+            asm.jmp("jeq", R0, 0, em.fail),
+            asm.ldx(Size.W, INDEX_REG, R0, 0, comment="counter index of the first match"),
+            asm.ldx(Size.W, ACTION_REG, R0, 4, comment="its action"),
+        )
+        if not copy:
+            em.emit(asm.ja(join))
+    em.emit(Label(join))
 
 
 # --- bit-vector classifiers (ir/optimizer.Classifier) ------------------------------------------

@@ -12,16 +12,25 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
-from bpfilter.codegen import asm
+from bpfilter.codegen import asm, sets, stateful
 from bpfilter.codegen import flavor_netfilter as nf
 from bpfilter.codegen.asm import Label
-from bpfilter.codegen.insn import R1, R2, R7, Reg
+from bpfilter.codegen.helpers import BpfFunc
+from bpfilter.codegen.insn import FP, R0, R1, R2, R7, Reg
 from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import MapSpec
-from bpfilter.codegen.uapi import IFNAMSIZ, MapType, NfHook, PacketType
-from bpfilter.ir.model import Match, PortRange, Prefix, Rule
+from bpfilter.codegen.uapi import IFNAMSIZ, Hook, IfHook, MapType, NfHook, PacketType
+from bpfilter.ir.matches import MATCHES
+from bpfilter.ir.model import Match, Option, PortRange, Prefix, Rule
 
 ALL_HOOKS = frozenset(NfHook)
+# The netfilter hooks and the interface hooks (XDP, TC; codegen/flavor_packet), whose
+# prologues fill the packet's part of the meta area as the netfilter one does. A matcher or
+# target runs at XDP/TC only when its ``hooks`` say so: the default is ALL_HOOKS.
+PACKET_HOOKS: frozenset[Hook] = ALL_HOOKS | frozenset(IfHook)
+SKB_HOOKS: frozenset[Hook] = ALL_HOOKS | {IfHook.TC_INGRESS, IfHook.TC_EGRESS}  # an sk_buff
+# Conntrack state: at TC egress the sk_buff carries the entry netfilter gave it before.
+CT_HOOKS: frozenset[Hook] = ALL_HOOKS | {IfHook.TC_EGRESS}
 BOTH_FAMILIES = frozenset({4, 6})
 IPPROTO_TCP = 6
 TCP_HEADER = 20  # sizeof(struct tcphdr): tcp_mt hot-drops a shorter one
@@ -47,6 +56,9 @@ class Resources:
     contents: dict[str, tuple[tuple[bytes, bytes], ...]] = field(default_factory=dict)
     slots: dict[str, dict[Hashable, int]] = field(default_factory=dict)
     slot_sizes: dict[str, int] = field(default_factory=dict)
+    # Settings of kernel objects shared by name (a recent list's mask, a hashlimit table's
+    # configuration): the first rule's, with its line, so a differing rule can be refused.
+    facts: dict[Hashable, tuple[object, int]] = field(default_factory=dict)
 
     def shared(self, spec: MapSpec, contents: Sequence[tuple[bytes, bytes]] = ()) -> str:
         """Declare ``spec`` once (a later declaration must be equal); returns its name."""
@@ -95,7 +107,7 @@ class Emitter:
     _count: int = 0
     res: Resources = field(default_factory=Resources)
     table: str = "filter"
-    hook: NfHook | None = None
+    hook: Hook | None = None
     _states: dict[str, int] = field(default_factory=dict)
 
     def label(self, what: str) -> str:
@@ -144,14 +156,18 @@ def masked_words(em: Emitter, offset: int, value: bytes, mask: bytes, on_false: 
 
 
 def in_range(em: Emitter, reg: Reg, lo: int, hi: int, maximum: int, on_false: str) -> None:
-    """``lo <= reg <= hi`` for a value known to lie in [0, maximum]."""
+    """``lo <= reg <= hi`` for a value known to lie in [0, maximum] (maximum <= 2**32 - 1).
+    Values from 2**31 up are compared in 32 bits: a 64-bit compare sign-extends its
+    immediate."""
+    assert maximum <= U32
+    jmp = asm.jmp32 if maximum > 0x7FFFFFFF else asm.jmp
     if lo == hi:
-        em.emit(asm.jmp("jne", reg, lo, on_false))
+        em.emit(jmp("jne", reg, lo, on_false))
         return
     if lo > 0:
-        em.emit(asm.jmp("jlt", reg, lo, on_false))
+        em.emit(jmp("jlt", reg, lo, on_false))
     if hi < maximum:
-        em.emit(asm.jmp("jgt", reg, hi, on_false))
+        em.emit(jmp("jgt", reg, hi, on_false))
 
 
 def load_u32(em: Emitter, reg: Reg, offset: int) -> None:
@@ -290,6 +306,44 @@ def emit_tcp(em: Emitter, rule: Rule, m: Match | None) -> None:
                 em.emit(asm.ja(on_false))  # compared bits outside the mask: never equal
 
         negatable(em, o.negated, test)
+    o = m.get("--tcp-option")
+    if o is not None and int(o.value) != 0:  # tcp_mt tests the option only when it is not 0
+        _tcp_option(em, int(o.value), o.negated)
+
+
+def _tcp_options_readable(em: Emitter) -> None:
+    load_u32(em, R1, nf.TCP_OPT_STATE)
+    em.emit(asm.jmp("jeq", R1, nf.TCP_OPT_BAD, em.hot()))
+
+
+def _tcp_option(em: Emitter, kind: int, negated: bool) -> None:
+    # tcp_find_option: doff < 5 or truncated options hot-drop; no options: the inversion
+    _tcp_options_readable(em)
+
+    def test(on_false: str) -> None:
+        em.emit(asm.ldx(Size.B, R1, R7, nf.TCP_KINDS + kind // 8),
+                asm.and64(R1, 1 << kind % 8), asm.jmp("jeq", R1, 0, on_false))
+
+    negatable(em, negated, test)
+
+
+def emit_tcpmss(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # tcpmss_mt: no fragment test; a short header, doff < 5 or truncated options hot-drop;
+    # the first MSS option (kind 2, length 4) decides, none found gives the inversion.
+    assert m is not None
+    o = m.get("--mss")
+    assert o is not None
+    r = o.value
+    assert isinstance(r, PortRange)
+    need_l4(em, TCP_HEADER)
+    _tcp_options_readable(em)
+
+    def test(on_false: str) -> None:
+        load_u32(em, R1, nf.TCP_MSS)
+        em.emit(asm.jmp("jeq", R1, 0, on_false), asm.and64(R1, U16))
+        in_range(em, R1, r.lo, r.hi, U16, on_false)
+
+    negatable(em, o.negated, test)
 
 
 def emit_udp(em: Emitter, rule: Rule, m: Match | None) -> None:
@@ -357,13 +411,6 @@ def _state_bits(em: Emitter, mask: int, negated: bool) -> None:
         em.emit(asm.and64(R1, mask), asm.jmp("jeq", R1, 0, on_false))
 
     negatable(em, negated, test)
-
-
-def emit_conntrack(em: Emitter, rule: Rule, m: Match | None) -> None:
-    assert m is not None
-    o = m.get("--ctstate")
-    assert o is not None
-    _state_bits(em, int(o.value), o.negated)
 
 
 def emit_state(em: Emitter, rule: Rule, m: Match | None) -> None:
@@ -538,6 +585,211 @@ def emit_pkttype(em: Emitter, rule: Rule, m: Match | None) -> None:
     negatable(em, o.negated, test)
 
 
+RT_HDRLEN, RT_TYPE, RT_SEGSLEFT, RT_RESERVED = 1, 2, 3, 4  # struct ipv6_rt_hdr / rt0_hdr
+RT_MAX_LEN = (0xFF + 1) * 8  # ipv6_optlen of the largest header; --rt-len is a u32
+
+
+def emit_rt(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # rt_mt6: the first routing header (the prologue recorded it); none: no match; unreadable
+    # or shorter than its length field: hot drop (the latter since Linux 6.x; checked against
+    # ip6tables-legacy on the running kernel). Then segments left in range, length
+    # ipv6_optlen == --rt-len, type == --rt-type (each ^ its `!`), and --rt-0-res: the reserved
+    # word is zero (readable: the length check above covers it).
+    assert m is not None
+    em.emit(asm.ldx(Size.W, R1, R7, nf.RT_STATE), asm.jmp("jeq", R1, nf.HDR_NONE, em.fail),
+            asm.jmp("jne", R1, nf.HDR_FOUND, em.hot()))
+    em.emit(asm.ldx(Size.W, R1, R7, nf.SKB_LEN), asm.ldx(Size.W, R2, R7, nf.RT_OFF),
+            asm.sub64(R1, R2),
+            asm.ldx(Size.B, R2, R7, nf.RT + RT_HDRLEN), asm.add64(R2, 1), asm.lsh64(R2, 3),
+            asm.jmp("jlt", R1, R2, em.hot()))
+    o = m.get("--rt-segsleft")
+    if o is not None:
+        r = o.value
+        assert isinstance(r, PortRange)
+
+        def segsleft(on_false: str) -> None:
+            if r.lo > r.hi or r.lo > 0xFF:
+                em.emit(asm.ja(on_false))
+                return
+            em.emit(asm.ldx(Size.B, R1, R7, nf.RT + RT_SEGSLEFT))
+            in_range(em, R1, r.lo, min(r.hi, 0xFF), 0xFF, on_false)
+
+        negatable(em, o.negated, segsleft)
+    o = m.get("--rt-len")
+    if o is not None:
+        length = int(o.value)
+
+        def hdrlen(on_false: str) -> None:
+            if length > RT_MAX_LEN:
+                em.emit(asm.ja(on_false))
+                return
+            em.emit(asm.ldx(Size.B, R1, R7, nf.RT + RT_HDRLEN), asm.add64(R1, 1),
+                    asm.lsh64(R1, 3), asm.jmp("jne", R1, length, on_false))
+
+        negatable(em, o.negated, hdrlen)
+    o = m.get("--rt-type")
+    if o is not None:
+        rt_type = int(o.value)
+
+        def type_(on_false: str) -> None:
+            if rt_type > 0xFF:
+                em.emit(asm.ja(on_false))
+                return
+            em.emit(asm.ldx(Size.B, R1, R7, nf.RT + RT_TYPE),
+                    asm.jmp("jne", R1, rt_type, on_false))
+
+        negatable(em, o.negated, type_)
+    if m.get("--rt-0-res") is not None:
+        em.emit(asm.ldx(Size.W, R1, R7, nf.RT + RT_RESERVED), asm.jmp("jne", R1, 0, em.fail))
+
+
+FH_RESERVED, FH_FRAG_OFF, FH_ID = 1, 2, 4  # struct frag_hdr
+IP6_MF = 0x0001
+IP6_OFFSET = 0xFFF8
+FH_RES_BITS = 0x0006  # the two reserved bits of frag_off
+
+
+def emit_frag(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # frag_mt6: the first fragment header (the prologue recorded it); none: no match; fewer
+    # than 8 bytes of it: hot drop. Then the identification in range (^ its `!`), and each
+    # flag option: --fragres reserved byte and bits zero, --fragfirst offset zero, --fragmore
+    # MF set, --fraglast MF clear. --fraglen is parsed and saved but never tested by the
+    # kernel, so it has no code here either.
+    assert m is not None
+    em.emit(asm.ldx(Size.W, R1, R7, nf.FH_STATE), asm.jmp("jeq", R1, nf.HDR_NONE, em.fail),
+            asm.jmp("jne", R1, nf.HDR_FOUND, em.hot()))
+    o = m.get("--fragid")
+    if o is not None:
+        r = o.value
+        assert isinstance(r, PortRange)
+
+        def ident(on_false: str) -> None:
+            if r.lo > r.hi:
+                em.emit(asm.ja(on_false))
+                return
+            em.emit(asm.ldx(Size.W, R1, R7, nf.FH + FH_ID), asm.to_be(R1, 32))
+            if r.lo == r.hi:
+                em.emit(asm.jmp32("jne", R1, r.lo, on_false))
+                return
+            if r.lo > 0:
+                em.emit(asm.jmp32("jlt", R1, r.lo, on_false))
+            if r.hi < U32:
+                em.emit(asm.jmp32("jgt", R1, r.hi, on_false))
+
+        negatable(em, o.negated, ident)
+    tests = [(n, bits, want) for n, bits, want in (
+        ("--fragres", FH_RES_BITS, 0), ("--fragfirst", IP6_OFFSET, 0),
+        ("--fragmore", IP6_MF, IP6_MF), ("--fraglast", IP6_MF, 0)) if m.get(n) is not None]
+    if m.get("--fragres") is not None:
+        em.emit(asm.ldx(Size.B, R1, R7, nf.FH + FH_RESERVED), asm.jmp("jne", R1, 0, em.fail))
+    if tests:
+        em.emit(asm.ldx(Size.H, R1, R7, nf.FH + FH_FRAG_OFF), asm.to_be(R1, 16))
+        for _, bits, want in tests:
+            em.emit(asm.mov64(R2, R1), asm.and64(R2, bits), asm.jmp("jne", R2, want, em.fail))
+
+
+def emit_ipv6header(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # ipv6header_mt6 on the prologue's walk (IPV6HDR): `!` sets invflags to 0xFF. --soft:
+    # !((seen ^ matchflags ^ invflags) & matchflags); otherwise seen == matchflags (or !=).
+    assert m is not None
+    o = m.get("--header")
+    assert o is not None
+    flags, inv = int(o.value), 0xFF if o.negated else 0
+    ok = em.label("v6h")
+    em.emit(asm.ldx(Size.W, R1, R7, nf.IPV6HDR), asm.jmp("jlt", R1, nf.IPV6HDR_FALSE, ok),
+            asm.jmp("jeq", R1, nf.IPV6HDR_FALSE, em.fail), asm.ja(em.hot()), Label(ok))
+    if m.get("--soft") is not None:
+        em.emit(asm.xor64(R1, flags ^ inv), asm.and64(R1, flags),
+                asm.jmp("jne", R1, 0, em.fail))
+    else:
+        em.emit(asm.jmp("jeq" if inv else "jne", R1, flags, em.fail))
+
+
+# --- esp, ah, mh (xt_esp, ipt_ah, ip6t_mh), cpu, quota -------------------------------------------
+
+ESP_HEADER = 8  # sizeof(struct ip_esp_hdr): spi, seq_no
+AH_HEADER = 12  # sizeof(struct ip_auth_hdr): nexthdr, hdrlen, reserved, spi, seq_no
+AH_SPI = 4
+MH_HEADER = 6  # sizeof(struct ip6_mh): proto, hdrlen, type, reserved, cksum
+MH_TYPE = 2
+IPPROTO_NONE = 59
+
+
+def _spi(em: Emitter, m: Match, option: str, header: int, at: int) -> None:
+    """esp_mt / ah_mt: no match on a later fragment, hot drop on a short header, then the
+    SPI (host order) in the range, negated with `!`."""
+    not_fragment(em)
+    need_l4(em, header)
+    o = m.get(option)
+    if o is None:
+        return
+    lo, hi = o.value.lo, o.value.hi
+    em.emit(asm.ldx(Size.W, R1, R7, nf.L4 + at), asm.to_be(R1, 32))
+
+    negatable(em, o.negated, lambda f: in_range(em, R1, lo, hi, U32, f))
+
+
+def emit_esp(em: Emitter, rule: Rule, m: Match | None) -> None:
+    assert m is not None
+    _spi(em, m, "--espspi", ESP_HEADER, 0)
+
+
+def emit_ah(em: Emitter, rule: Rule, m: Match | None) -> None:
+    assert m is not None
+    _spi(em, m, "--ahspi", AH_HEADER, AH_SPI)
+
+
+def emit_mh(em: Emitter, rule: Rule, m: Match | None) -> None:
+    """mh_mt6: no match on a later fragment; a short header, or one whose payload protocol
+    is not IPPROTO_NONE, hot-drops; then the type in the range."""
+    assert m is not None
+    not_fragment(em)
+    need_l4(em, MH_HEADER)
+    em.emit(asm.ldx(Size.B, R1, R7, nf.L4), asm.jmp("jne", R1, IPPROTO_NONE, em.hot()))
+    o = m.get("--mh-type")
+    if o is None:
+        return
+    lo, hi = o.value.lo, o.value.hi
+    em.emit(asm.ldx(Size.B, R1, R7, nf.L4 + MH_TYPE))
+    negatable(em, o.negated, lambda f: in_range(em, R1, lo, hi, 255, f))
+
+
+def emit_cpu(em: Emitter, rule: Rule, m: Match | None) -> None:
+    """cpu_mt: the CPU handling the packet is --cpu."""
+    assert m is not None
+    o = m.get("--cpu")
+    assert o is not None
+    cpu = int(o.value)
+    em.emit(asm.call_helper(BpfFunc.get_smp_processor_id))
+    negatable(em, o.negated, lambda f: em.emit(asm.jmp("jne", R0, cpu, f)))
+
+
+QUOTA_MAP = "quota"  # one u64 per quota rule: bytes counted so far
+
+
+def emit_quota(em: Emitter, rule: Rule, m: Match | None) -> None:
+    """quota_mt: a packet that still fits takes its length off the quota and matches; one
+    that does not empties it (later packets never fit). Kept as bytes consumed: an atomic
+    add answers the old total, and the packet fits when old + len <= quota (a packet that
+    did not fit leaves the total above the quota, as the kernel leaves it at zero)."""
+    assert m is not None
+    o = m.get("--quota")
+    assert o is not None
+    quota = int(o.value)
+    slot = em.state(QUOTA_MAP, 8)
+    em.emit(asm.st(Size.W, FP, QUOTA_KEY, slot), asm.ld_map_fd(R1, QUOTA_MAP),
+            asm.mov64(R2, FP), asm.add64(R2, QUOTA_KEY),
+            asm.call_helper(BpfFunc.map_lookup_elem),
+            asm.jmp("jeq", R0, 0, em.fail),  # never: the slot exists
+            asm.ldx(Size.W, R2, R7, nf.SKB_LEN), asm.mov64(R1, R2),
+            asm.atomic_add(Size.DW, R0, 0, R1, fetch=True),
+            asm.add64(R1, R2), asm.ld_imm64(R2, quota))
+    negatable(em, o.negated, lambda f: em.emit(asm.jmp("jgt", R1, R2, f)))
+
+
+QUOTA_KEY = -8  # the slot number, on the stack of the function running the rule
+
+
 def emit_nothing(em: Emitter, rule: Rule, m: Match | None) -> None:
     """comment: no code."""
 
@@ -554,7 +806,7 @@ class Matcher:
     name: str
     emit: Emit
     options: frozenset[str] = frozenset()
-    hooks: frozenset[NfHook] = ALL_HOOKS
+    hooks: frozenset[Hook] = ALL_HOOKS
     families: frozenset[int] = BOTH_FAMILIES
     needs: nf.Needs = nf.Needs()
     check: Callable[[Match], str | None] | None = None  # a refusal, or None
@@ -566,7 +818,7 @@ class Matcher:
             return self.needs
         return self.needs | self.extra_needs(m)
 
-    def refusal(self, m: Match, family: int, hook: NfHook | None = None) -> str | None:
+    def refusal(self, m: Match, family: int, hook: Hook | None = None) -> str | None:
         """Why this match cannot compile (for ``family`` at ``hook``), or None."""
         if family not in self.families:
             return f"match '{self.name}' is not supported for IPv{family}"
@@ -578,49 +830,318 @@ class Matcher:
         return self.check(m) if self.check is not None else None
 
 
-def _check_ctstate(m: Match) -> str | None:
-    if m.get("--ctstate") is None:
-        return f"match '{m.kind}' needs --ctstate (the only option supported)"
-    return None
+# --- conntrack details, connmark, mac, sctp (xt_conntrack v3, xt_connmark, xt_mac, xt_sctp) --
+
+def _kernel_words(em: Emitter, fld: nf.KField, base: int, value: bytes, mask: bytes,
+                  on_false: str) -> None:
+    """``(member & mask) == value`` for a kernel struct copied to ``meta[base:]``, in words."""
+    for i in range(0, len(value), 4):
+        m = int.from_bytes(mask[i:i + 4], "little")
+        v = int.from_bytes(value[i:i + 4], "little") & m
+        if m == 0:
+            continue
+        em.emit(nf.FieldLoad(Size.W, R1, R7, fld, base + i))
+        if m != U32:
+            em.emit(asm.alu32("and", R1, m))
+        em.emit(asm.jmp32("jne", R1, v, on_false))
 
 
-def _ct_nat(m: Match) -> nf.Needs:
-    o = m.get("--ctstate")
-    return nf.Needs(conntrack_nat=o is not None and bool(int(o.value) & CT_SNAT_DNAT))
+CT_ADDRS = {"--ctorigsrc": (nf.CT_ORIG, nf.KField.TUPLE_SRC_ADDR),
+            "--ctorigdst": (nf.CT_ORIG, nf.KField.TUPLE_DST_ADDR),
+            "--ctreplsrc": (nf.CT_REPL, nf.KField.TUPLE_SRC_ADDR),
+            "--ctrepldst": (nf.CT_REPL, nf.KField.TUPLE_DST_ADDR)}
+CT_PORTS = {"--ctorigsrcport": (nf.CT_ORIG, nf.KField.TUPLE_SRC_PORT),
+            "--ctorigdstport": (nf.CT_ORIG, nf.KField.TUPLE_DST_PORT),
+            "--ctreplsrcport": (nf.CT_REPL, nf.KField.TUPLE_SRC_PORT),
+            "--ctrepldstport": (nf.CT_REPL, nf.KField.TUPLE_DST_PORT)}
+# conntrack_mt's order (no test has a side effect, but a reader can follow the kernel's).
+CT_ORDER = ("--ctdir", *CT_ADDRS, "--ctproto", *CT_PORTS, "--ctstatus", "--ctexpire")
+
+
+def _if_tracked(em: Emitter, otherwise: str) -> None:
+    """Go to ``otherwise`` when the packet has no conntrack entry (INVALID, UNTRACKED)."""
+    load_u32(em, R1, nf.CT_STATE)
+    em.emit(asm.and64(R1, nf.CT_TRACKED), asm.jmp("jeq", R1, 0, otherwise))
+
+
+def _ct_option(em: Emitter, o: Option) -> None:
+    if o.name == "--ctdir":
+        # CTINFO2DIR(ctinfo) == ORIGINAL, or == REPLY (libxt_conntrack sets the invert flag)
+        load_u32(em, R1, nf.CT_DIR)
+        em.emit(asm.jmp("jne" if o.value == "ORIGINAL" else "jeq", R1, 0, em.fail))
+        return
+    test: Test
+    if o.name in CT_ADDRS:
+        base, fld = CT_ADDRS[o.name]
+        value, mask = _addr_bytes(o.value)  # conntrack_addrcmp: IPv4 compares u3.ip only
+
+        def test(on_false: str) -> None:
+            _kernel_words(em, fld, base, value, mask, on_false)
+    elif o.name in CT_PORTS:
+        base, fld = CT_PORTS[o.name]
+        r = o.value
+        assert isinstance(r, PortRange)
+
+        def test(on_false: str) -> None:  # port_match: ntohs(u.all) in [min, max]
+            em.emit(nf.FieldLoad(Size.H, R1, R7, fld, base), asm.to_be(R1, 16))
+            in_range(em, R1, r.lo, r.hi, U16, on_false)
+    elif o.name == "--ctproto":
+        proto = int(o.value)
+
+        def test(on_false: str) -> None:  # nf_ct_protonum(ct)
+            em.emit(nf.FieldLoad(Size.B, R1, R7, nf.KField.TUPLE_PROTO, nf.CT_ORIG),
+                    asm.jmp("jne", R1, proto, on_false))
+    elif o.name == "--ctstatus":
+        bits = int(o.value)
+
+        def test(on_false: str) -> None:  # status_mask & ct->status
+            if bits == 0:
+                em.emit(asm.ja(on_false))
+                return
+            load_u32(em, R1, nf.CT_STATUS)
+            em.emit(asm.and64(R1, bits), asm.jmp("jeq", R1, 0, on_false))
+    else:
+        assert o.name == "--ctexpire"
+        r = o.value
+        assert isinstance(r, PortRange)
+
+        def test(on_false: str) -> None:
+            # nf_ct_expires(ct) / HZ in [min, max], unsigned long arithmetic
+            load_u32(em, R1, nf.CT_EXPIRES)
+            em.emit(nf.KernelHz(R2), asm.div64(R1, R2))
+            in_range(em, R1, r.lo, r.hi, U32, on_false)
+    negatable(em, o.negated, test)
+
+
+def emit_conntrack(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # conntrack_mt (revision 3): --ctstate first; then, without a conntrack entry, the match
+    # holds exactly when --ctstate was given; with one, every other option must hold.
+    assert m is not None
+    state = m.get("--ctstate")
+    if state is not None:
+        _state_bits(em, int(state.value), state.negated)
+    rest = sorted((o for o in m.options if o.name != "--ctstate"),
+                  key=lambda o: CT_ORDER.index(o.name))
+    if not rest:
+        return
+    done = em.label("ct_done")
+    _if_tracked(em, done if state is not None else em.fail)
+    for o in rest:
+        _ct_option(em, o)
+    em.emit(Label(done))
+
+
+def _tcp_option_needs(m: Match) -> nf.Needs:
+    return nf.Needs(tcp_options=m.get("--tcp-option") is not None)
+
+
+def _ct_needs(m: Match) -> nf.Needs:
+    names = {o.name for o in m.options}
+    state = m.get("--ctstate")
+    return nf.Needs(conntrack_nat=state is not None and bool(int(state.value) & CT_SNAT_DNAT),
+                    ct_dir="--ctdir" in names, ct_status="--ctstatus" in names,
+                    ct_expires="--ctexpire" in names,
+                    ct_tuples=bool(names & ({"--ctproto"} | set(CT_ADDRS) | set(CT_PORTS))))
+
+
+def emit_connmark(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # connmark_mt: no conntrack entry never matches, negated or not; else
+    # ((ct->mark & mask) == mark) ^ invert (mark bits outside the mask never match).
+    assert m is not None
+    o = m.get("--mark")
+    assert o is not None
+    value, mask = o.value
+    _if_tracked(em, em.fail)
+
+    def test(on_false: str) -> None:
+        load_u32(em, R1, nf.CT_MARK)
+        if mask != U32:
+            em.emit(asm.alu32("and", R1, mask))
+        em.emit(asm.jmp32("jne", R1, value, on_false))
+
+    negatable(em, o.negated, test)
+
+
+def emit_mac(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # mac_mt: no Ethernet MAC header in place is a miss whatever the negation (MAC_OK).
+    assert m is not None
+    o = m.get("--mac-source")
+    assert o is not None
+    mac = bytes.fromhex(str(o.value).replace(":", ""))
+    load_u32(em, R1, nf.MAC_OK)
+    em.emit(asm.jmp("jeq", R1, 0, em.fail))
+
+    def test(on_false: str) -> None:
+        em.emit(asm.ldx(Size.W, R1, R7, nf.MAC_SRC),
+                asm.jmp32("jne", R1, int.from_bytes(mac[:4], "little"), on_false),
+                asm.ldx(Size.H, R1, R7, nf.MAC_SRC + 4),
+                asm.jmp("jne", R1, int.from_bytes(mac[4:], "little"), on_false))
+
+    negatable(em, o.negated, test)
+
+
+SCTP_HEADER = 12  # sizeof(struct sctphdr): sctp_mt hot-drops a shorter one
+
+
+def emit_sctp(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # sctp_mt: a later fragment misses, a truncated common header hot-drops, then the ports.
+    assert m is not None
+    not_fragment(em)
+    need_l4(em, SCTP_HEADER)
+    _ports(em, m)
+
+
+OWNER_IDS = {"--uid-owner": nf.OWNER_UID, "--gid-owner": nf.OWNER_GID}
+
+
+def emit_owner(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # owner_mt, with info->match the options given and info->invert the negated ones: no
+    # socket matches when (match ^ invert) == 0 (every option negated); with a socket,
+    # `! --socket-exists` fails; without a file, ((match ^ invert) & (UID | GID)) == 0
+    # decides; with one, fsuid and fsgid are compared (ids of the initial user namespace:
+    # the loader refuses a network namespace owned by another one, where make_kuid maps).
+    assert m is not None
+    done, has_socket, has_file = em.label("own_done"), em.label("own_sk"), em.label("own_file")
+    ids = [o for o in m.options if o.name in OWNER_IDS]
+    load_u32(em, R1, nf.OWNER_STATE)
+    em.emit(asm.jmp("jne", R1, nf.OWNER_NONE, has_socket),
+            asm.ja(done if all(o.negated for o in m.options) else em.fail), Label(has_socket))
+    sock = m.get("--socket-exists")
+    if sock is not None and sock.negated:
+        em.emit(asm.ja(em.fail))
+    em.emit(asm.jmp("jne", R1, nf.OWNER_NO_FILE, has_file),
+            asm.ja(done if all(o.negated for o in ids) else em.fail), Label(has_file))
+    for o in ids:
+        r = o.value
+        assert isinstance(r, PortRange)
+
+        def test(on_false: str, r: PortRange = r, offset: int = OWNER_IDS[o.name]) -> None:
+            load_u32(em, R1, offset)
+            in_range(em, R1, r.lo, r.hi, U32, on_false)
+
+        negatable(em, o.negated, test)
+    em.emit(Label(done))
+
+
+def _refuse_option(name: str, reason: str) -> Callable[[Match], str | None]:
+    def check(m: Match) -> str | None:
+        o = m.get(name)
+        return None if o is None else f"match '{m.kind}' option '{name}' is not supported: {reason}"
+    return check
+
+
+def _refused(name: str, reason: str) -> Matcher:
+    """A match bpfilter knows it cannot compile exactly: refused with ``reason``."""
+    def never(em: Emitter, rule: Rule, m: Match | None) -> None:
+        raise AssertionError(f"match '{name}' is refused and never emitted")
+
+    return Matcher(name, never, check=lambda m: f"match '{name}' is not supported: {reason}",
+                   options=frozenset(MATCHES[name].options))
 
 
 # Rule header fields, evaluated first and in this order (as ip_packet_match does).
 HEADER: dict[str, Matcher] = {
-    "-s": Matcher("-s", emit_src),
-    "-d": Matcher("-d", emit_dst),
-    "-i": Matcher("-i", emit_iif, needs=nf.Needs(devices=True)),
-    "-o": Matcher("-o", emit_oif, needs=nf.Needs(devices=True)),
-    "-p": Matcher("-p", emit_proto),
-    "-f": Matcher("-f", emit_fragment, families=frozenset({4})),
+    "-s": Matcher("-s", emit_src, hooks=PACKET_HOOKS),
+    "-d": Matcher("-d", emit_dst, hooks=PACKET_HOOKS),
+    # At XDP/TC the device is the interface the program is attached to (flavor_packet).
+    "-i": Matcher("-i", emit_iif, hooks=ALL_HOOKS | {IfHook.XDP, IfHook.TC_INGRESS},
+                  needs=nf.Needs(devices=True)),
+    "-o": Matcher("-o", emit_oif, hooks=ALL_HOOKS | {IfHook.TC_EGRESS},
+                  needs=nf.Needs(devices=True)),
+    "-p": Matcher("-p", emit_proto, hooks=PACKET_HOOKS),
+    "-f": Matcher("-f", emit_fragment, hooks=PACKET_HOOKS, families=frozenset({4})),
 }
 
 MATCHERS: dict[str, Matcher] = {
     m.name: m for m in (
-        Matcher("tcp", emit_tcp, frozenset({"--sport", "--dport", "--tcp-flags"})),
-        Matcher("udp", emit_udp, frozenset({"--sport", "--dport"})),
-        Matcher("icmp", emit_icmp, frozenset({"--icmp-type"}), families=frozenset({4})),
-        Matcher("icmp6", emit_icmp6, frozenset({"--icmpv6-type"}), families=frozenset({6})),
-        Matcher("multiport", emit_multiport, frozenset({"--sports", "--dports", "--ports"})),
-        Matcher("conntrack", emit_conntrack, frozenset({"--ctstate"}),
-                needs=nf.Needs(conntrack=True), check=_check_ctstate, extra_needs=_ct_nat),
-        Matcher("state", emit_state, frozenset({"--state"}), needs=nf.Needs(conntrack=True)),
-        Matcher("mark", emit_mark, frozenset({"--mark"}), needs=nf.Needs(mark=True)),
-        Matcher("length", emit_length, frozenset({"--length"})),
-        Matcher("iprange", emit_iprange, frozenset({"--src-range", "--dst-range"})),
-        Matcher("ttl", emit_ttl, frozenset({"--ttl-eq", "--ttl-lt", "--ttl-gt"}),
+        # --tcp-option needs the option walk of the prologue (Needs.tcp_options).
+        Matcher("tcp", emit_tcp, frozenset({"--sport", "--dport", "--tcp-flags",
+                                            "--tcp-option"}),
+                hooks=PACKET_HOOKS, extra_needs=_tcp_option_needs),
+        Matcher("tcpmss", emit_tcpmss, frozenset({"--mss"}), hooks=PACKET_HOOKS,
+                needs=nf.Needs(tcp_options=True)),
+        Matcher("udp", emit_udp, frozenset({"--sport", "--dport"}), hooks=PACKET_HOOKS),
+        Matcher("icmp", emit_icmp, frozenset({"--icmp-type"}), hooks=PACKET_HOOKS,
                 families=frozenset({4})),
-        Matcher("hl", emit_ttl, frozenset({"--hl-eq", "--hl-lt", "--hl-gt"}),
+        Matcher("icmp6", emit_icmp6, frozenset({"--icmpv6-type"}), hooks=PACKET_HOOKS,
                 families=frozenset({6})),
-        Matcher("tos", emit_tos, frozenset({"--tos"})),
-        Matcher("dscp", emit_dscp, frozenset({"--dscp"})),
+        Matcher("multiport", emit_multiport, frozenset({"--sports", "--dports", "--ports"}),
+                hooks=PACKET_HOOKS),
+        Matcher("conntrack", emit_conntrack,
+                frozenset({"--ctstate", "--ctdir", "--ctproto", "--ctstatus", "--ctexpire",
+                           *CT_ADDRS, *CT_PORTS}),
+                hooks=CT_HOOKS, needs=nf.Needs(conntrack=True), extra_needs=_ct_needs),
+        Matcher("state", emit_state, frozenset({"--state"}), hooks=CT_HOOKS,
+                needs=nf.Needs(conntrack=True)),
+        Matcher("mark", emit_mark, frozenset({"--mark"}), hooks=SKB_HOOKS,
+                needs=nf.Needs(mark=True)),
+        Matcher("length", emit_length, frozenset({"--length"}), hooks=PACKET_HOOKS),
+        Matcher("iprange", emit_iprange, frozenset({"--src-range", "--dst-range"}),
+                hooks=PACKET_HOOKS),
+        Matcher("ttl", emit_ttl, frozenset({"--ttl-eq", "--ttl-lt", "--ttl-gt"}),
+                hooks=PACKET_HOOKS, families=frozenset({4})),
+        Matcher("hl", emit_ttl, frozenset({"--hl-eq", "--hl-lt", "--hl-gt"}),
+                hooks=PACKET_HOOKS, families=frozenset({6})),
+        Matcher("tos", emit_tos, frozenset({"--tos"}), hooks=PACKET_HOOKS),
+        Matcher("dscp", emit_dscp, frozenset({"--dscp"}), hooks=PACKET_HOOKS),
+        # At TC egress skb->pkt_type is not what netfilter's OUTPUT sees: ingress only.
         Matcher("pkttype", emit_pkttype, frozenset({"--pkt-type"}),
-                needs=nf.Needs(pkt_type=True)),
-        Matcher("comment", emit_nothing, frozenset({"--comment"})),
+                hooks=ALL_HOOKS | {IfHook.TC_INGRESS}, needs=nf.Needs(pkt_type=True)),
+        Matcher("comment", emit_nothing, frozenset({"--comment"}), hooks=PACKET_HOOKS),
+        Matcher("connmark", emit_connmark, frozenset({"--mark"}), hooks=CT_HOOKS,
+                needs=nf.Needs(conntrack=True, ct_mark=True)),
+        Matcher("mac", emit_mac, frozenset({"--mac-source"}), hooks=frozenset(
+            {NfHook.PRE_ROUTING, NfHook.LOCAL_IN, NfHook.FORWARD, IfHook.XDP,
+             IfHook.TC_INGRESS}), needs=nf.Needs(mac=True)),
+        Matcher("sctp", emit_sctp, frozenset({"--sport", "--dport", "--chunk-types"}),
+                hooks=PACKET_HOOKS,
+                check=_refuse_option("--chunk-types", "sctp_mt walks every chunk of the "
+                                     "packet, which a BPF program cannot bound")),
+        Matcher("owner", emit_owner, frozenset({"--uid-owner", "--gid-owner",
+                                                "--socket-exists", "--suppl-groups"}),
+                hooks=frozenset({NfHook.LOCAL_OUT, NfHook.POST_ROUTING}),
+                needs=nf.Needs(owner=True),
+                check=_refuse_option("--suppl-groups", "it walks the socket owner's "
+                                     "supplementary groups, a list of any length")),
+        # Verified on Linux 6.18: a netfilter program calling bpf_fib_lookup is refused
+        # ("program of this type cannot use helper bpf_fib_lookup#69").
+        _refused("rpfilter", "it needs a FIB lookup, and netfilter BPF programs have none "
+                 "(bpf_fib_lookup is for XDP and TC)"),
+        _refused("addrtype", "it looks addresses up in the routing tables "
+                 "(inet_dev_addr_type, ip6_route_output), and netfilter BPF programs cannot "
+                 "(bpf_fib_lookup is for XDP and TC)"),
+        _refused("connlimit", "it counts the conntrack entries per address (nf_conncount), "
+                 "which a BPF program cannot enumerate"),
+        # --rt-0-addrs (a list of up to 16 addresses to compare) is not compiled.
+        Matcher("rt", emit_rt, frozenset({"--rt-type", "--rt-segsleft", "--rt-len", "--rt-0-res"}),
+                hooks=PACKET_HOOKS, families=frozenset({6}), needs=nf.Needs(routing=True)),
+        # State in maps (codegen/stateful).
+        Matcher("limit", stateful.emit_limit, stateful.LIMIT_OPTIONS, hooks=PACKET_HOOKS,
+                check=stateful.check_limit),
+        Matcher("statistic", stateful.emit_statistic, stateful.STATISTIC_OPTIONS,
+                hooks=PACKET_HOOKS),
+        Matcher("hashlimit", stateful.emit_hashlimit, stateful.HASHLIMIT_OPTIONS,
+                hooks=PACKET_HOOKS, check=stateful.check_hashlimit),
+        Matcher("recent", stateful.emit_recent, stateful.RECENT_OPTIONS, hooks=PACKET_HOOKS,
+                check=stateful.check_recent),
+        Matcher("frag", emit_frag, frozenset({"--fragid", "--fraglen", "--fragres",
+                                              "--fragfirst", "--fragmore", "--fraglast"}),
+                hooks=PACKET_HOOKS, families=frozenset({6}), needs=nf.Needs(fragment=True)),
+        Matcher("ipv6header", emit_ipv6header, frozenset({"--header", "--soft"}),
+                hooks=PACKET_HOOKS, families=frozenset({6}), needs=nf.Needs(ipv6header=True)),
+        Matcher("esp", emit_esp, frozenset({"--espspi"}), hooks=PACKET_HOOKS),
+        Matcher("ah", emit_ah, frozenset({"--ahspi"}), hooks=PACKET_HOOKS,
+                families=frozenset({4})),
+        Matcher("mh", emit_mh, frozenset({"--mh-type"}), hooks=PACKET_HOOKS,
+                families=frozenset({6})),
+        Matcher("cpu", emit_cpu, frozenset({"--cpu"}), hooks=PACKET_HOOKS),
+        Matcher("quota", emit_quota, frozenset({"--quota"}), hooks=PACKET_HOOKS),
+        _refused("helper", "it reads the conntrack helper extension of the packet's "
+                 "connection, which bpfilter does not compile yet"),
+        _refused("eui64", "it compares the Ethernet source with the IPv6 source's interface "
+                 "identifier, which bpfilter does not compile yet"),
+        # bpfilter's own sets (codegen/sets, `bpfilter set`): pinned maps opened at load.
+        Matcher("set", sets.emit_set, frozenset({"--match-set"}), hooks=PACKET_HOOKS),
     )
 }
 

@@ -6,7 +6,7 @@ its spec before reusing it; the ELF writer turns specs into map definitions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bpfilter.codegen.uapi import AttachType, MapType, ProgType
 
@@ -22,6 +22,10 @@ class MapSpec:
     max_entries: int
     flags: int = 0
     inner: MapSpec | None = None  # template map for ARRAY_OF_MAPS / HASH_OF_MAPS
+    # A map that outlives the ruleset (a bpfilter set): the loader opens the pin of this name
+    # in the namespace's sets directory instead of creating a map (max_entries is the set's).
+    pin: str | None = None
+    line: int = field(default=0, compare=False)  # the first rule naming it, for errors
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name.encode()) > 15:

@@ -393,3 +393,47 @@ class PacketType(enum.IntEnum):
 
 
 PKT_TYPE_MAX = 7  # little-endian bitfield: pkt_type is the low 3 bits of its byte
+
+
+class IfHook(enum.IntEnum):
+    """The interface hooks a ruleset compiles for besides netfilter's, numbered as their
+    attach types (distinct from every NfHook value, so both can share one set)."""
+
+    XDP = AttachType.XDP
+    TC_INGRESS = AttachType.TCX_INGRESS
+    TC_EGRESS = AttachType.TCX_EGRESS
+
+
+Hook = NfHook | IfHook  # where a program runs: a netfilter hook or an interface hook
+
+ETH_HLEN = 14  # struct ethhdr: destination, source, EtherType
+ETH_ALEN = 6  # an Ethernet address; h_source follows h_dest
+ARPHRD_ETHER = 1  # net_device.type of Ethernet devices (veth too; loopback is 772)
+TCP_TIME_WAIT = 6  # sock_common.skc_state values sk_to_full_sk() looks at
+TCP_NEW_SYN_RECV = 12
+NS_GET_USERNS = 0xB701  # ioctl on a namespace fd: the owning user namespace (_IO(0xb7, 1))
+ETH_TYPE_OFFSET = 12
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+
+
+class SkBuffCtx(enum.IntEnum):
+    """Offsets in ``struct __sk_buff``, a TC program's context (UAPI, rewritten by the
+    verifier into the real sk_buff fields)."""
+
+    LEN = 0
+    PKT_TYPE = 4
+    MARK = 8  # writable from TC programs
+    VLAN_PRESENT = 20
+    DATA = 76  # direct packet access: the linear data (the MAC header at TC)
+    DATA_END = 80
+
+
+class XdpMd(enum.IntEnum):
+    """Offsets in ``struct xdp_md``, an XDP program's context."""
+
+    DATA = 0
+    DATA_END = 4
+
+
+SIOCGIFHWADDR = 0x8927  # ioctl: an interface's hardware address; sa_family is its ARPHRD type

@@ -939,15 +939,20 @@ def _apply_option(inst: _ExtInst, opt: str, neg: bool, vals: tuple[str, ...], ct
     before = inst.ext.after.get(opt)
     if before is not None and before not in inst.opts:
         raise _ParamError(f"option \"{opt}\" must come after \"{before}\"", cols[index])
-    if opt in inst.opts and opt not in inst.ext.repeatable:
-        raise _ParamError(f"option \"{opt}\" can only be used once", cols[index])
+    key = opt
+    if opt in inst.opts:
+        if opt not in inst.ext.repeatable:
+            raise _ParamError(f"option \"{opt}\" can only be used once", cols[index])
+        # Each repetition keeps its own entry, in command-line order (`OPT#N` keys): the
+        # extension's finalize reads them in order (policy's elements split by --next).
+        key = f"{opt}#{len(inst.opts)}"
     value: object = True
     if spec.parse is not None:
         try:
             value = spec.parse(vals, ctx)
         except ValueError_ as e:
             raise _ParamError(str(e), cols[arg_index]) from None
-    inst.opts[opt] = Option(opt, value, neg)
+    inst.opts[key] = Option(opt, value, neg)
 
 
 def _drop_any(p: Prefix | None, neg: object) -> Prefix | None:

@@ -7,6 +7,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedEOF, UnexpectedInput, UnexpectedToken
@@ -20,9 +21,15 @@ def grammar_text() -> str:
     return resources.files("bpfilter.grammar").joinpath("iptables.lark").read_text()
 
 
+# More options for Lark, set by the system layer before the first parse (bpfilter.lark_cache
+# names a file caching the built tables there); none here: this package does no I/O.
+LARK_OPTIONS: dict[str, Any] = {}
+
+
 @functools.cache
 def lark_parser() -> Lark:
-    return Lark(grammar_text(), parser="lalr", lexer="contextual", maybe_placeholders=False)
+    return Lark(grammar_text(), parser="lalr", lexer="contextual", maybe_placeholders=False,
+                **LARK_OPTIONS)
 
 
 @dataclass(frozen=True, slots=True)

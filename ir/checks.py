@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from bpfilter.codegen.uapi import NfHook
 from bpfilter.ir.matches import LIMIT_SCALE, MATCHES
-from bpfilter.ir.model import Chain, Match, Rule, Table, TargetKind
+from bpfilter.ir.model import Chain, Family, Match, Rule, Table, TargetKind
 from bpfilter.ir.targets import TARGETS
 
 
@@ -20,7 +20,9 @@ class Problem:
 
 
 # Matches the kernel registers for one protocol only (`-m tcp` needs `-p tcp`).
-MATCH_PROTO = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmp6": 58, "tcpmss": 6}
+MATCH_PROTO = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmp6": 58, "tcpmss": 6,
+               "esp": 50, "mh": 135}
+MATCH_PROTO4 = {"ah": 51}  # ipt_ah is registered for IPPROTO_AH; ip6t_ah walks the headers
 # Hooks a target may run at (x_tables checkentry hook masks).
 TARGET_HOOKS: dict[str, frozenset[NfHook]] = {
     "DNAT": frozenset({NfHook.PRE_ROUTING, NfHook.LOCAL_OUT}),
@@ -32,6 +34,7 @@ TARGET_HOOKS: dict[str, frozenset[NfHook]] = {
 MATCH_HOOKS: dict[str, frozenset[NfHook]] = {
     "mac": frozenset({NfHook.PRE_ROUTING, NfHook.LOCAL_IN, NfHook.FORWARD}),
     "owner": frozenset({NfHook.LOCAL_OUT, NfHook.POST_ROUTING}),
+    "eui64": frozenset({NfHook.PRE_ROUTING, NfHook.LOCAL_IN, NfHook.FORWARD}),
 }
 
 
@@ -137,6 +140,8 @@ def _check_rule(table: Table, chain: Chain, rule: Rule, names: set[str],
         if m.kind == "limit" and _limit_overflows(m):
             out.append(Problem(*where, "limit: rate times burst overflows, try a lower one"))
         need = MATCH_PROTO.get(m.kind)
+        if need is None and table.family is Family.IP:
+            need = MATCH_PROTO4.get(m.kind)
         if need is not None and (rule.proto != need or rule.proto_neg):
             out.append(Problem(*where, f"{m.kind} match: only valid for protocol {need}"))
         allowed = MATCH_HOOKS.get(m.kind)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from bpfilter.ir.model import Option, PortRange, Prefix
 from bpfilter.ir.values import (
+    PROTO_NUMBERS,
     ValueError_,
     format_address,
     format_port_range,
@@ -351,7 +352,10 @@ _ct_status = _flags_from(dict(CT_STATUS) | {"NONE": 0}, "ctstatus")
 
 
 def _prefix_opt(args: tuple[str, ...], ctx: Ctx) -> Prefix:
-    return parse_prefix(args[0], ctx.bits)
+    # libxt_conntrack keeps the address as written (XTTYPE_HOSTMASK) and iptables-save prints
+    # it so; the kernel masks when it compares (conntrack_addrcmp).
+    p = parse_prefix(args[0], ctx.bits)
+    return Prefix(parse_address(args[0].partition("/")[0], ctx.bits), p.mask, p.bits)
 
 
 def _ctdir(args: tuple[str, ...], ctx: Ctx) -> str:
@@ -1028,6 +1032,171 @@ SET = Extension(
 )
 
 
+
+# ---- rt (IPv6 routing header) ------------------------------------------------------------
+
+RT_HOPS = 16  # IP6T_RT_HOPS: --rt-0-addrs holds at most this many addresses
+
+
+def _rt_addrs(args: tuple[str, ...], ctx: Ctx) -> tuple[int, ...]:
+    parts = args[0].split(",")
+    if len(parts) > RT_HOPS:
+        raise fail("too many addresses specified")
+    out = []
+    for part in parts:
+        try:
+            out.append(parse_address(part, 128))
+        except ValueError_:
+            raise fail(f"bad address: {part}") from None
+    return tuple(out)
+
+
+def _rt_segsleft(args: tuple[str, ...], ctx: Ctx) -> PortRange:
+    # XTTYPE_UINT32RC: "N", "N:", ":M", "N:M"; a reversed range is kept (it matches nothing).
+    a, colon, b = args[0].partition(":")
+    lo = parse_uint(a, U32) if a else 0
+    if not colon:
+        return PortRange(lo, lo)
+    return PortRange(lo, parse_uint(b, U32) if b else U32)
+
+
+def _ntop6(addr: int) -> str:
+    """inet_ntop(AF_INET6): IPv4-mapped and IPv4-compatible addresses end in dotted quads."""
+    words = [(addr >> (112 - 16 * i)) & 0xFFFF for i in range(8)]
+    if words[:5] == [0] * 5 and (words[5] == 0xFFFF or (words[5] == 0 and words[6] != 0)):
+        v4 = format_address(addr & U32, 32)
+        return f"::ffff:{v4}" if words[5] else f"::{v4}"
+    return format_address(addr, 128)
+
+
+def _rt_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    # libip6t_rt checks each --rt-0-* option against what came before it on the line.
+    order = list(opts)
+    for name in ("--rt-0-res", "--rt-0-addrs"):
+        if name not in opts:
+            continue
+        t = opts.get("--rt-type")
+        if t is None or order.index("--rt-type") > order.index(name) or t.value != 0 \
+                or t.negated:
+            raise fail(f"`--rt-type 0' required before `{name}'")
+    if "--rt-0-not-strict" in opts and (
+            "--rt-0-addrs" not in opts
+            or order.index("--rt-0-addrs") > order.index("--rt-0-not-strict")):
+        raise fail("`--rt-0-addr ...' required before `--rt-0-not-strict'")
+    return opts
+
+
+def _rt_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    o = opts.get("--rt-type")
+    if o is not None:
+        out.append(f"{_neg(o)}--rt-type {o.value}")
+    out += _u32_range_save("--rt-segsleft", opts.get("--rt-segsleft"))
+    o = opts.get("--rt-len")
+    if o is not None:
+        out.append(f"{_neg(o)}--rt-len {o.value}")
+    if "--rt-0-res" in opts:
+        out.append("--rt-0-res")
+    if "--rt-0-addrs" in opts:
+        addrs = opts["--rt-0-addrs"].value
+        out.append("--rt-0-addrs " + ",".join(_ntop6(a) for a in addrs))
+    if "--rt-0-not-strict" in opts:
+        out.append("--rt-0-not-strict")
+    return " ".join(out)
+
+
+def _u32_range_save(name: str, o: Option | None) -> list[str]:
+    # Left out when it is the full range, even negated (iptables 1.8.9's rt_save/frag_save).
+    if o is None or (o.value.lo, o.value.hi) == (0, U32):
+        return []
+    r = o.value
+    return [f"{_neg(o)}{name} " + (f"{r.lo}" if r.lo == r.hi else f"{r.lo}:{r.hi}")]
+
+
+RT = Extension(
+    "rt", "match",
+    {"--rt-type": OptDef(_uint(U32), True), "--rt-segsleft": OptDef(_rt_segsleft, True),
+     "--rt-len": OptDef(_uint(U32), True), "--rt-0-res": OptDef(None),
+     "--rt-0-addrs": OptDef(_rt_addrs), "--rt-0-not-strict": OptDef(None)},
+    _rt_save, _rt_finalize, families=frozenset({6}),
+)
+
+
+# ---- frag (IPv6 fragment header) ----------------------------------------------------------
+
+_FRAG_FLAGS = ("--fragres", "--fragfirst", "--fragmore", "--fraglast")
+
+
+def _frag_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if "--fragmore" in opts and "--fraglast" in opts:
+        first, second = [n for n in opts if n in ("--fragmore", "--fraglast")]
+        raise fail(f"frag: option \"{first}\" cannot be used together with \"{second}\"")
+    return opts
+
+
+def _frag_save(opts: Opts, ctx: Ctx) -> str:
+    out = _u32_range_save("--fragid", opts.get("--fragid"))
+    o = opts.get("--fraglen")
+    if o is not None:
+        out.append(f"{_neg(o)}--fraglen {o.value}")
+    out += [n for n in _FRAG_FLAGS if n in opts]
+    return " ".join(out)
+
+
+FRAG_M = Extension(
+    "frag", "match",
+    {"--fragid": OptDef(_rt_segsleft, True), "--fraglen": OptDef(_uint(U32), True),
+     **{n: OptDef(None) for n in _FRAG_FLAGS}},
+    _frag_save, _frag_finalize, families=frozenset({6}),
+)
+
+
+# ---- ipv6header -----------------------------------------------------------------------------
+
+# (protocol number, MASK_* bit, name iptables-save prints), in print_header's order.
+IPV6HEADER_FLAGS = ((0, 128, "hop-by-hop"), (60, 64, "ipv6-opts"), (43, 32, "ipv6-route"),
+                    (44, 16, "ipv6-frag"), (51, 8, "ah"), (50, 4, "esp"), (59, 2, "ipv6-nonxt"),
+                    (255, 1, "protocol"))
+# libip6t_ipv6header's name_to_proto: getprotobyname() (netbase names and aliases, case as
+# written there), then its own table.
+_IPV6HEADER_NAMES = {
+    "hopopt": 0, "HOPOPT": 0, "ipv6-route": 43, "IPv6-Route": 43, "ipv6-frag": 44,
+    "IPv6-Frag": 44, "esp": 50, "IPSEC-ESP": 50, "ah": 51, "IPSEC-AH": 51, "ipv6-nonxt": 59,
+    "IPv6-NoNxt": 59, "ipv6-opts": 60, "IPv6-Opts": 60,
+    "hop-by-hop": 0, "protocol": 255, "hop": 0, "dst": 60, "route": 43, "frag": 44, "auth": 51,
+    "none": 59, "prot": 255, "0": 0, "60": 60, "43": 43, "44": 44, "51": 51, "50": 50,
+    "59": 59, "255": 255,
+}
+
+
+def _ipv6header(args: tuple[str, ...], ctx: Ctx) -> int:
+    bits = {proto: bit for proto, bit, _ in IPV6HEADER_FLAGS}
+    flags = 0
+    for part in (p for p in args[0].split(",") if p):
+        proto = _IPV6HEADER_NAMES.get(part)
+        if proto is None and part in PROTO_NUMBERS:
+            proto = PROTO_NUMBERS[part]
+        if proto is None:
+            raise fail(f"unknown header `{part}' specified")
+        if proto not in bits:
+            raise fail(f"unknown header `{proto}' specified")
+        flags |= bits[proto]
+    if not flags:
+        raise fail("ip6t_ipv6header: cannot parse header names")
+    return flags
+
+
+def _ipv6header_save(opts: Opts, ctx: Ctx) -> str:
+    o = opts["--header"]
+    names = [name for _, bit, name in IPV6HEADER_FLAGS if int(o.value) & bit]
+    return f"{_neg(o)}--header {','.join(names)}" + (" --soft" if "--soft" in opts else "")
+
+
+IPV6HEADER = Extension(
+    "ipv6header", "match", {"--header": OptDef(_ipv6header, True), "--soft": OptDef(None)},
+    _ipv6header_save, _need("--header", "ipv6header"), families=frozenset({6}),
+)
+
 # ---- hashlimit ------------------------------------------------------------------------------
 
 _HL_MODES = ("srcip", "srcport", "dstip", "dstport")
@@ -1097,11 +1266,99 @@ HASHLIMIT = Extension(
 )
 
 
+# ---- esp, ah, mh, quota, cpu, helper, eui64 ----------------------------------------------------
+
+def _spi_save(name: str) -> Callable[[Opts, Ctx], str]:
+    """An SPI range, left out when it is the whole range and not negated."""
+    def save(opts: Opts, ctx: Ctx) -> str:
+        o = opts.get(name)
+        if o is None or (o.value == PortRange(0, U32) and not o.negated):
+            return ""
+        return f"{_neg(o)}{name} {format_port_range(o.value)}"
+    return save
+
+
+ESP = Extension("esp", "match", {"--espspi": OptDef(_range_u(U32), True)},
+                _spi_save("--espspi"))
+
+
+def _ah_save(opts: Opts, ctx: Ctx) -> str:
+    out = [_spi_save("--ahspi")(opts, ctx)]
+    o = opts.get("--ahlen")
+    if o is not None and (o.value != 0 or o.negated):
+        out.append(f"{_neg(o)}--ahlen {o.value}")
+    if "--ahres" in opts:
+        out.append("--ahres")
+    return " ".join(x for x in out if x)
+
+
+def _ah_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    # ipt_ah knows only --ahspi; ip6t_ah adds the header length and reserved-field tests.
+    for name in ("--ahlen", "--ahres"):
+        if name in opts and ctx.family == 4:
+            raise fail(f"unknown option \"{name}\"")
+    return opts
+
+
+AH = Extension("ah", "match", {"--ahspi": OptDef(_range_u(U32), True),
+                               "--ahlen": OptDef(_uint(U32, "length"), True),
+                               "--ahres": OptDef(None)},
+               _ah_save, _ah_finalize)
+
+MH_TYPES = {"binding-refresh-request": 0, "brr": 0, "home-test-init": 1, "hoti": 1,
+            "careof-test-init": 2, "coti": 2, "home-test": 3, "hot": 3, "careof-test": 4,
+            "cot": 4, "binding-update": 5, "bu": 5, "binding-acknowledgement": 6, "ba": 6,
+            "binding-error": 7, "be": 7}
+
+
+def _mh_type(args: tuple[str, ...], ctx: Ctx) -> PortRange:
+    def one(t: str, default: int) -> int:
+        if not t:
+            return default
+        if t.lower() in MH_TYPES:
+            return MH_TYPES[t.lower()]
+        try:
+            return parse_uint(t, 255)
+        except ValueError_:
+            raise fail(f"Invalid MH type `{t}'") from None
+    a, colon, b = args[0].partition(":")
+    lo = one(a, 0)
+    hi = one(b, 255) if colon else lo
+    if lo > hi:
+        raise fail(f"invalid range `{args[0]}' specified")
+    return PortRange(lo, hi)
+
+
+def _mh_save(opts: Opts, ctx: Ctx) -> str:
+    o = opts.get("--mh-type")
+    if o is None or (o.value == PortRange(0, 255) and not o.negated):
+        return ""
+    return f"{_neg(o)}--mh-type {format_port_range(o.value)}"
+
+
+MH = Extension("mh", "match", {"--mh-type": OptDef(_mh_type, True)}, _mh_save,
+               families=frozenset({6}))
+
+U64 = (1 << 64) - 1
+QUOTA = Extension("quota", "match", {"--quota": OptDef(_uint(U64, "quota"), True)},
+                  lambda o, c: f"{_neg(o['--quota'])}--quota {o['--quota'].value}",
+                  _need("--quota", "quota"))
+CPU = Extension("cpu", "match", {"--cpu": OptDef(_uint(U32, "cpu"), True)},
+                lambda o, c: f"{_neg(o['--cpu'])}--cpu {o['--cpu'].value}",
+                _need("--cpu", "cpu"))
+HELPER = Extension("helper", "match", {"--helper": OptDef(_str_max(29, "helper"), True)},
+                   lambda o, c: f"{_neg(o['--helper'])}--helper "
+                                f"{save_string(str(o['--helper'].value))}",
+                   _need("--helper", "helper"))
+EUI64 = Extension("eui64", "match", {}, lambda o, c: "", families=frozenset({6}))
+
+
 MATCHES: dict[str, Extension] = {
     e.name: e for e in (TCP, UDP, SCTP, ICMP, ICMP6, CONNTRACK, STATE, MULTIPORT, COMMENT, LIMIT,
                         MARK_M, CONNMARK_M, ADDRTYPE, IPRANGE, LENGTH, PKTTYPE, MAC, TTL_M,
                         HL_M, TOS_M, DSCP_M, RECENT, STATISTIC, CONNLIMIT, OWNER, TCPMSS_M,
-                        RPFILTER, SET, HASHLIMIT)
+                        RPFILTER, SET, HASHLIMIT, RT, FRAG_M,
+                        IPV6HEADER, ESP, AH, MH, QUOTA, CPU, HELPER, EUI64)
 }
 # Proto names that load a match implicitly (`-p tcp --dport 22` loads `-m tcp`).
 PROTO_MATCH = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmp6"}
@@ -1109,9 +1366,9 @@ MATCH_ALIASES = {"icmpv6": "icmp6", "ipv6-icmp": "icmp6"}
 
 # Real iptables extensions this project does not support: refused by name.
 UNSUPPORTED_MATCHES = frozenset({
-    "u32", "string", "time", "physdev", "devgroup", "socket", "dccp", "esp", "ah",
-    "policy", "quota", "quota2", "helper", "realm", "osf", "cgroup", "cpu", "connbytes",
+    "u32", "string", "time", "physdev", "devgroup", "socket", "dccp",
+    "policy", "quota2", "realm", "osf", "cgroup", "connbytes",
     "connlabel", "cluster", "bpf", "ipvs", "nfacct", "rateest", "geoip", "l2tp", "ecn",
-    "frag", "hbh", "dst", "rt", "ipv6header", "mh", "eui64", "srh", "condition", "account",
+    "hbh", "dst", "srh", "condition", "account",
     "addrtype6", "udplite", "statistic2", "set2", "ipp2p", "layer7", "tcpoptstrip",
 })

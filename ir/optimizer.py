@@ -37,6 +37,8 @@ from bpfilter.ir.model import Match, PortRange, Prefix, Rule, Target, TargetKind
 MIN_RUN = 32
 MAX_ACTIONS = 8  # distinct targets a run may mix (the code dispatches on the action number)
 _TERMINAL_VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN"})
+# Extension targets that always end the packet's walk (codegen/actions: terminal=True).
+TERMINAL_TARGETS = frozenset({"REJECT"})
 # Matches that keep state per rule (token buckets, counters, lists): two rules never share
 # one, so rules using them stay out of runs and classifiers.
 STATEFUL_MATCHES = frozenset({"limit", "hashlimit", "recent", "statistic", "connlimit",
@@ -168,6 +170,8 @@ def terminal(t: Target | None) -> bool:
         return False
     if t.kind is TargetKind.VERDICT:
         return t.name in _TERMINAL_VERDICTS
+    if t.kind is TargetKind.EXTENSION:
+        return t.name in TERMINAL_TARGETS
     return t.kind is TargetKind.GOTO
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 from bpfilter.ir.matches import (
     U32,
     Ctx,
@@ -12,17 +15,19 @@ from bpfilter.ir.matches import (
     _dscp_class,
     _mark,
     _need,
+    _ntop6,
     _one,
     _tos_value,
     _uint,
     fail,
 )
-from bpfilter.ir.model import Option
+from bpfilter.ir.model import Option, Prefix
 from bpfilter.ir.values import (
     ValueError_,
     format_address,
     parse_address,
     parse_port,
+    parse_prefix,
     parse_uint,
     save_string,
 )
@@ -452,13 +457,442 @@ CHECKSUM = Extension("CHECKSUM", "target", {"--checksum-fill": OptDef(None)},
                      lambda o, c: "--checksum-fill", _need("--checksum-fill", "CHECKSUM"),
                      tables=frozenset({"mangle"}))
 
+# ---- NFQUEUE, QUEUE, TRACE ------------------------------------------------------------------
+
+def _queue_balance(args: tuple[str, ...], ctx: Ctx) -> tuple[int, int]:
+    # XTTYPE_UINT16RC: both ends may be left out (0 and 65535); a range needs a colon.
+    s = args[0]
+    a, colon, b = s.partition(":")
+    if not colon:
+        raise fail(f"Bad range \"{s}\"")
+    lo = parse_uint(a, 65535, "queue") if a else 0
+    hi = parse_uint(b, 65535, "queue") if b else 65535
+    if lo >= hi:
+        raise fail(f"{lo} should be less than {hi}")
+    if hi - lo + 1 > 65535:  # queues_total is a u16: the kernel refuses a wrapped count
+        raise fail(f"NFQUEUE: --queue-balance {lo}:{hi} spans too many queues")
+    return lo, hi
+
+
+def _nfqueue_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if "--queue-num" in opts and "--queue-balance" in opts:
+        raise fail("NFQUEUE: option \"--queue-num\" cannot be used together with "
+                   "\"--queue-balance\".")
+    if "--queue-cpu-fanout" in opts and "--queue-balance" not in opts:
+        raise fail("NFQUEUE: option \"--queue-cpu-fanout\" also requires \"--queue-balance\".")
+    if "--queue-balance" not in opts:
+        opts.setdefault("--queue-num", Option("--queue-num", 0))
+    return opts
+
+
+def _nfqueue_save(opts: Opts, ctx: Ctx) -> str:
+    if "--queue-balance" in opts:
+        lo, hi = opts["--queue-balance"].value
+        out = [f"--queue-balance {lo}:{hi}"]
+    else:
+        out = [f"--queue-num {opts['--queue-num'].value}"]
+    out += [n for n in ("--queue-bypass", "--queue-cpu-fanout") if n in opts]
+    return " ".join(out)
+
+
+NFQUEUE = Extension(
+    "NFQUEUE", "target",
+    {"--queue-num": OptDef(_uint(65535, "queue")), "--queue-balance": OptDef(_queue_balance),
+     "--queue-bypass": OptDef(None), "--queue-cpu-fanout": OptDef(None)},
+    _nfqueue_save, _nfqueue_finalize,
+)
+# The standard verdict NF_QUEUE (queue 0); iptables-save prints it as a target name.
+QUEUE = Extension("QUEUE", "target", {}, lambda o, c: "")
+TRACE = Extension("TRACE", "target", {}, lambda o, c: "", tables=frozenset({"raw"}))
+
+# ---- TEE, TPROXY, NETMAP, DNPT, SNPT -----------------------------------------------------------
+
+
+def _host(args: tuple[str, ...], ctx: Ctx) -> int:
+    # XTTYPE_HOST: one address (host names are not resolved here), no mask.
+    try:
+        return parse_address(args[0], ctx.bits)
+    except ValueError_:
+        raise fail(f"host/network `{args[0]}' not found (only numeric addresses are "
+                   "accepted)") from None
+
+
+def _ifname(args: tuple[str, ...], ctx: Ctx) -> str:
+    if len(args[0]) > 15:
+        raise fail(f"interface name `{args[0]}' must be shorter than IFNAMSIZ (16)")
+    return args[0]
+
+
+def _tee_save(opts: Opts, ctx: Ctx) -> str:
+    out = f"--gateway {_ntop(int(opts['--gateway'].value), ctx.bits)}"
+    if "--oif" in opts:
+        out += f" --oif {opts['--oif'].value}"
+    return out
+
+
+def _ntop(addr: int, bits: int) -> str:
+    return format_address(addr, 32) if bits == 32 else _ntop6(addr)
+
+
+TEE = Extension("TEE", "target", {"--gateway": OptDef(_host), "--oif": OptDef(_ifname)},
+                _tee_save, _need("--gateway", "TEE"))
+
+
+def _tproxy_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    _need("--on-port", "TPROXY")(opts, ctx)
+    if ctx.proto not in (6, 17) or ctx.proto_neg:
+        raise fail("TPROXY: only valid with -p tcp or -p udp")
+    opts.setdefault("--on-ip", Option("--on-ip", 0))
+    opts.setdefault("--tproxy-mark", Option("--tproxy-mark", (0, 0)))
+    return opts
+
+
+def _tproxy_save(opts: Opts, ctx: Ctx) -> str:
+    v, m = opts["--tproxy-mark"].value
+    return (f"--on-port {opts['--on-port'].value} "
+            f"--on-ip {_ntop(int(opts['--on-ip'].value), ctx.bits)} "
+            f"--tproxy-mark 0x{v:x}/0x{m:x}")
+
+
+TPROXY = Extension(
+    "TPROXY", "target",
+    {"--on-port": OptDef(_one(lambda s, c: parse_port(s))), "--on-ip": OptDef(_host),
+     "--tproxy-mark": OptDef(_one(_mark))},
+    _tproxy_save, _tproxy_finalize, tables=frozenset({"mangle"}),
+)
+
+
+def _netmap_to(args: tuple[str, ...], ctx: Ctx) -> Prefix:
+    return parse_prefix(args[0], ctx.bits)
+
+
+def _netmap_save(opts: Opts, ctx: Ctx) -> str:
+    p = opts["--to"].value
+    n = p.length
+    return f"--to {_ntop(p.addr, ctx.bits)}/{n if n is not None else _ntop(p.mask, ctx.bits)}"
+
+
+NETMAP = Extension("NETMAP", "target", {"--to": OptDef(_netmap_to)}, _netmap_save,
+                   _need("--to", "NETMAP"), tables=frozenset({"nat"}))
+
+
+def _npt_pfx(args: tuple[str, ...], ctx: Ctx) -> Prefix:
+    p = parse_prefix(args[0], 128)
+    if p.length is None or p.length > 64:
+        # ip6t_npt checkentry: prefixes of at most 64 bits.
+        raise fail(f"NPT: prefix `{args[0]}' must be at most 64 bits long")
+    if parse_address(args[0].partition("/")[0], 128) != p.addr:
+        raise fail(f"NPT: prefix `{args[0]}' has bits set beyond its length")
+    return p
+
+
+def _npt(name: str) -> Extension:
+    def finalize(opts: Opts, ctx: Ctx) -> Opts:
+        _need("--src-pfx", name)(opts, ctx)
+        return _need("--dst-pfx", name)(opts, ctx)
+
+    def save(opts: Opts, ctx: Ctx) -> str:
+        s, d = opts["--src-pfx"].value, opts["--dst-pfx"].value
+        return f"--src-pfx {_ntop6(s.addr)}/{s.length} --dst-pfx {_ntop6(d.addr)}/{d.length}"
+
+    return Extension(name, "target", {"--src-pfx": OptDef(_npt_pfx),
+                                      "--dst-pfx": OptDef(_npt_pfx)},
+                     save, finalize, families=frozenset({6}), tables=frozenset({"mangle"}))
+
+
+DNPT = _npt("DNPT")
+SNPT = _npt("SNPT")
+
+# ---- AUDIT, CLASSIFY, CONNSECMARK, SECMARK, IDLETIMER, LED, RATEEST ---------------------------
+
+_AUDIT_TYPES = ("accept", "drop", "reject")
+
+
+def _audit_type(args: tuple[str, ...], ctx: Ctx) -> str:
+    t = args[0].lower()
+    if t not in _AUDIT_TYPES:
+        raise fail(f"Bad action type value \"{args[0]}\"")
+    return t
+
+
+AUDIT = Extension("AUDIT", "target", {"--type": OptDef(_audit_type)},
+                  lambda o, c: f"--type {o['--type'].value}", _need("--type", "AUDIT"))
+
+
+def _hex16(s: str) -> int | None:
+    # sscanf("%hx"): optional 0x, hex digits, truncated to 16 bits.
+    m = re.match(r"(?:0[xX])?([0-9a-fA-F]+)", s)
+    return int(m.group(1), 16) & 0xFFFF if m else None
+
+
+def _class(args: tuple[str, ...], ctx: Ctx) -> tuple[int, int]:
+    a, colon, b = args[0].partition(":")
+    major, minor = _hex16(a), _hex16(b)
+    if not colon or major is None or minor is None:
+        raise fail(f"Bad class value \"{args[0]}\"")
+    return major, minor
+
+
+CLASSIFY = Extension(
+    "CLASSIFY", "target", {"--set-class": OptDef(_class)},
+    lambda o, c: "--set-class {:04x}:{:04x}".format(*o["--set-class"].value),
+    _need("--set-class", "CLASSIFY"), tables=frozenset({"mangle"}),
+)
+
+
+def _connsecmark_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if "--save" in opts and "--restore" in opts:
+        first, second = [n for n in opts if n in ("--save", "--restore")]
+        raise fail(f"CONNSECMARK: option \"{first}\" cannot be used together with "
+                   f"\"{second}\".")
+    if not opts:
+        raise fail("CONNSECMARK: one of the options --save or --restore is required")
+    return opts
+
+
+_SECMARK_TABLES = frozenset({"mangle", "security"})
+CONNSECMARK = Extension(
+    "CONNSECMARK", "target", {"--save": OptDef(None), "--restore": OptDef(None)},
+    lambda o, c: "--save" if "--save" in o else "--restore", _connsecmark_finalize,
+    tables=_SECMARK_TABLES,
+)
+
+
+def _selctx(args: tuple[str, ...], ctx: Ctx) -> str:
+    if len(args[0]) >= 256:  # SECMARK_SECCTX_MAX
+        raise fail("SECMARK: selctx is too long")
+    return args[0]
+
+
+SECMARK = Extension("SECMARK", "target", {"--selctx": OptDef(_selctx)},
+                    lambda o, c: f"--selctx {o['--selctx'].value}",
+                    _need("--selctx", "SECMARK"), tables=_SECMARK_TABLES)
+
+# xt_IDLETIMER checkentry refuses a zero timeout and one of INT_MAX/1000 seconds or more.
+_IDLETIMER_MAX = 0x7FFFFFFF // 1000
+
+
+def _idletimer_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    _need("--timeout", "IDLETIMER")(opts, ctx)
+    _need("--label", "IDLETIMER")(opts, ctx)
+    t = int(opts["--timeout"].value)
+    if t == 0 or t >= _IDLETIMER_MAX:
+        raise fail(f"IDLETIMER: timeout {t} is out of range (1-{_IDLETIMER_MAX - 1})")
+    if not opts["--label"].value:
+        raise fail("IDLETIMER: the label must not be empty")
+    return opts
+
+
+def _idletimer_save(opts: Opts, ctx: Ctx) -> str:
+    out = f"--timeout {opts['--timeout'].value} --label {opts['--label'].value}"
+    return out + (" --alarm" if "--alarm" in opts else "")
+
+
+IDLETIMER = Extension(
+    "IDLETIMER", "target",
+    {"--timeout": OptDef(_uint(U32)), "--label": OptDef(_one(lambda s, c: s[:27])),
+     "--alarm": OptDef(None)},
+    _idletimer_save, _idletimer_finalize,
+)
+
+
+def _led_delay(args: tuple[str, ...], ctx: Ctx) -> int:
+    # libxt_LED: "inf..." (any case) is forever, anything else goes through strtoul.
+    if args[0][:3].lower() == "inf":
+        return -1
+    m = re.match(r"\s*(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", args[0])
+    if m is None:
+        return 0
+    t = m.group(1)
+    base = 16 if t[:2].lower() == "0x" else 8 if t.startswith("0") else 10
+    return int(t, base) & U32
+
+
+def _led_id(args: tuple[str, ...], ctx: Ctx) -> str:
+    # The kernel names the trigger "netfilter-" + id in a 27-byte buffer.
+    if len(args[0]) > 27 - len("netfilter-") - 1:
+        raise fail("LED: trigger id too long")
+    return args[0]
+
+
+def _led_save(opts: Opts, ctx: Ctx) -> str:
+    ident = str(opts["--led-trigger-id"].value).replace("\\", "\\\\").replace('"', '\\"')
+    out = [f'--led-trigger-id "{ident}"']
+    d = opts.get("--led-delay")
+    delay = int(d.value) if d is not None else 0
+    if delay == -1 or delay == U32:
+        out.append("--led-delay inf")
+    elif 0 < delay <= 0x7FFFFFFF:
+        out.append(f"--led-delay {delay}")
+    elif delay > 0x7FFFFFFF:  # printed with %d
+        out.append(f"--led-delay {delay - (1 << 32)}")
+    if "--led-always-blink" in opts:
+        out.append("--led-always-blink")
+    return " ".join(out)
+
+
+LED = Extension(
+    "LED", "target",
+    {"--led-trigger-id": OptDef(_led_id), "--led-delay": OptDef(_led_delay),
+     "--led-always-blink": OptDef(None)},
+    _led_save, _need("--led-trigger-id", "LED"),
+)
+
+_USEC = 1000000
+_TIME_UNITS = {"": _USEC, "s": _USEC, "sec": _USEC, "ms": 1000, "msec": 1000, "us": 1,
+               "usec": 1}
+
+
+def _rateest_time(args: tuple[str, ...], ctx: Ctx) -> int:
+    m = re.match(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)(.*)", args[0])
+    if m is None or m.group(2) not in _TIME_UNITS:
+        raise fail(f"RATEEST: bad time value \"{args[0]}\"")
+    return int(float(m.group(1)) * _TIME_UNITS[m.group(2)]) & U32
+
+
+def _rateest_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    for n in ("--rateest-name", "--rateest-interval", "--rateest-ewmalog"):
+        _need(n, "RATEEST")(opts, ctx)
+    interval = int(opts["--rateest-interval"].value)
+    ewmalog = int(opts["--rateest-ewmalog"].value)
+    # libxt_RATEEST's final check: the interval rounds up to 2^k/4 s (k in -2..3), the
+    # ewma log is the first one whose time constant exceeds --rateest-ewmalog, minus one.
+    for idx in range(6):
+        if interval <= (1 << idx) * (_USEC // 4):
+            break
+    else:
+        raise fail("RATEEST: interval value is too large")
+    log = 1
+    while log < 32:
+        w = 1.0 - 1.0 / (1 << log)
+        if interval / (-math.log(w)) > ewmalog:
+            break
+        log += 1
+    log -= 1
+    if log == 0 or log >= 31:
+        raise fail("RATEEST: ewmalog value is out of range")
+    return {"--rateest-name": opts["--rateest-name"],
+            "--rateest-interval": Option("--rateest-interval", idx - 2),
+            "--rateest-ewmalog": Option("--rateest-ewmalog", log)}
+
+
+def _print_time(t: int) -> str:
+    if t >= _USEC:
+        return f"{t / _USEC:.1f}s"
+    if t >= 1000:
+        return f"{t / 1000:.1f}ms"
+    return f"{t}us"
+
+
+def _rateest_save(opts: Opts, ctx: Ctx) -> str:
+    interval = (_USEC << (int(opts["--rateest-interval"].value) + 2)) // 4
+    ewma = (interval * (1 << int(opts["--rateest-ewmalog"].value))) & U32
+    return (f"--rateest-name {opts['--rateest-name'].value} --rateest-interval "
+            f"{_print_time(interval)} --rateest-ewmalog {_print_time(ewma)}")
+
+
+RATEEST = Extension(
+    "RATEEST", "target",
+    {"--rateest-name": OptDef(_one(lambda s, c: s[:15])),
+     "--rateest-interval": OptDef(_rateest_time), "--rateest-ewmalog": OptDef(_rateest_time)},
+    _rateest_save, _rateest_finalize,
+)
+
+# ---- SYNPROXY, TCPOPTSTRIP, ECN ---------------------------------------------------------------
+
+_SYNPROXY_FLAGS = ("--sack-perm", "--timestamp")
+
+
+def _synproxy_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    # xt_SYNPROXY checkentry: TCP only (not inverted).
+    if ctx.proto != 6 or ctx.proto_neg:
+        raise fail("SYNPROXY: only valid with -p tcp")
+    return opts
+
+
+def _synproxy_save(opts: Opts, ctx: Ctx) -> str:
+    out = [n for n in _SYNPROXY_FLAGS if n in opts]
+    for n in ("--wscale", "--mss"):
+        if n in opts:
+            out.append(f"{n} {opts[n].value}")
+    if "--ecn" in opts:
+        out.append("--ecn")
+    return " ".join(out)
+
+
+SYNPROXY = Extension(
+    "SYNPROXY", "target",
+    {"--sack-perm": OptDef(None), "--timestamp": OptDef(None), "--ecn": OptDef(None),
+     "--wscale": OptDef(_uint(255, "wscale")), "--mss": OptDef(_uint(65535, "MSS"))},
+    _synproxy_save, _synproxy_finalize,
+)
+
+TCPOPT_NAMES = {"wscale": 3, "mss": 2, "sack-permitted": 4, "sack": 5, "timestamp": 8,
+                "md5": 19}
+
+
+def _strip_options(args: tuple[str, ...], ctx: Ctx) -> tuple[int, ...]:
+    out = set()
+    for part in args[0].split(","):
+        n = TCPOPT_NAMES.get(part)
+        if n is None:
+            try:
+                n = parse_uint(part, 255)
+            except ValueError_:
+                raise fail(f"Bad TCP option value \"{part}\"") from None
+        # EOL and NOP cannot be stripped (xt_TCPOPTSTRIP refuses them).
+        if n < 2:
+            raise fail(f"TCPOPTSTRIP: option {n} (EOL/NOP) cannot be stripped")
+        out.add(n)
+    return tuple(sorted(out))
+
+
+def _tcpoptstrip_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if ctx.proto != 6 or ctx.proto_neg:
+        raise fail("TCPOPTSTRIP: only valid with -p tcp")
+    return opts
+
+
+TCPOPTSTRIP = Extension(
+    "TCPOPTSTRIP", "target", {"--strip-options": OptDef(_strip_options)},
+    lambda o, c: ("--strip-options " + ",".join(map(str, o["--strip-options"].value))
+                  if "--strip-options" in o else ""),
+    _tcpoptstrip_finalize, tables=frozenset({"mangle"}),
+)
+
+
+def _ecn_t_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if not opts:
+        raise fail("ECN target: at least one option is required")
+    if "--ecn-tcp-remove" in opts and (ctx.proto != 6 or ctx.proto_neg):
+        raise fail("ECN target: --ecn-tcp-remove is only valid with -p tcp")
+    return opts
+
+
+def _ecn_t_save(opts: Opts, ctx: Ctx) -> str:
+    # libipt_ECN prints --ecn-tcp-remove only when it is the whole operation; otherwise the
+    # TCP bits it sets (both cleared) and the IP codepoint.
+    ect = opts.get("--ecn-ip-ect")
+    if ect is None:
+        return "--ecn-tcp-remove"
+    head = "--ecn-tcp-ece 0 --ecn-tcp-cwr 0 " if "--ecn-tcp-remove" in opts else ""
+    return f"{head}--ecn-ip-ect {ect.value}"
+
+
+ECN_T = Extension(
+    "ECN", "target",
+    {"--ecn-tcp-remove": OptDef(None), "--ecn-ip-ect": OptDef(_uint(3, "ECT codepoint"))},
+    _ecn_t_save, _ecn_t_finalize, families=frozenset({4}), tables=frozenset({"mangle"}),
+)
+
 TARGETS: dict[str, Extension] = {
     e.name: e for e in (REJECT, LOG, NFLOG, MARK_T, CONNMARK_T, CT, NOTRACK, DNAT, SNAT,
-                        MASQUERADE, REDIRECT, DSCP_T, TOS_T, TTL_T, HL_T, TCPMSS_T, CHECKSUM)
+                        MASQUERADE, REDIRECT, DSCP_T, TOS_T, TTL_T, HL_T, TCPMSS_T, CHECKSUM,
+                        NFQUEUE, QUEUE, TRACE, TEE, TPROXY, NETMAP, DNPT, SNPT, AUDIT,
+                        CLASSIFY, CONNSECMARK, SECMARK, IDLETIMER, LED, RATEEST, SYNPROXY,
+                        TCPOPTSTRIP, ECN_T)
 }
 VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN"})
 UNSUPPORTED_TARGETS = frozenset({
-    "NFQUEUE", "QUEUE", "TRACE", "TPROXY", "TEE", "AUDIT", "CLASSIFY", "CONNSECMARK",
-    "IDLETIMER", "LED", "NETMAP", "RATEEST", "SECMARK", "SET", "SYNPROXY", "TCPOPTSTRIP",
-    "DNPT", "SNPT", "ULOG", "CLUSTERIP", "ECN", "HMARK", "CONNLOG", "JOOL", "FULLCONENAT",
+    "SET", "ULOG", "CLUSTERIP", "HMARK", "CONNLOG", "JOOL", "FULLCONENAT",
 })

@@ -18,6 +18,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
+# The machine's own /etc/bpfilter/bpfilter.conf (delegation settings) must not steer tests:
+# point every test, and the tools they run, at a file that does not exist unless a test
+# names its own.
+os.environ.setdefault("BPFILTER_CONFIG", str(ROOT / "tests" / "no-such-bpfilter.conf"))
+os.environ.pop("BPFILTER_DELEGATE", None)
+
 
 @functools.cache
 def kernel_unavailable() -> str | None:

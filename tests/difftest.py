@@ -71,14 +71,25 @@ SETTLE = 0.03  # seconds without a new delivery after which a batch counts as co
 
 # The compiled subset of iptgen's grammar, named one by one so that features iptgen gains
 # later stay out until someone adds them here. pkttype is compared but never varied: every
-# probe arrives addressed to the receiver's own MAC (PACKET_HOST) or is sent locally.
+# probe arrives addressed to the receiver's own MAC (PACKET_HOST) or is sent locally. Nothing
+# sets a conntrack mark, so connmark compares mark 0 (with and without an entry); mac sees
+# the probes' fixed source iptgen.SENDER_MAC; --ctexpire is not generated (timing); TCP
+# probes carry no options, so --tcp-option only meets option-less headers here; owner sees
+# the receiver's flow openers (root's raw socket).
 DIFF_FEATURES: frozenset[str] = frozenset({
     "src", "dst", "addr_mask", "addr_list", "iface", "iface_wildcard", "proto", "proto_num",
     "negation", "fragment",
     "tcp", "udp", "explicit_m_proto", "tcp_flags", "syn", "multiport", "icmp", "conntrack",
     "state", "comment", "comment_odd_chars", "comment_long", "mark", "length",
-    "iprange", "ttl", "tos", "dscp", "pkttype",
+    "iprange", "ttl", "tos", "dscp", "pkttype", "conntrack_options", "connmark", "mac",
+    "tcp_option", "owner",
     "jump", "goto", "return", "no_target",
+    # REJECT is seen as "not delivered": the replies it sends are blackholed here like all
+    # the receiver's own traffic; tests/e2e/test_reject.py compares them with iptables'.
+    "reject",
+    # LOG and NFLOG only add events (iptables-legacy's go nowhere here: nf_log_all_netns is 0
+    # and nothing listens to NFLOG), so the next rule decides on both sides.
+    "log", "nflog",
     "user_chains", "policy", "omit_builtin", "insert", "new_chain_cmd", "policy_cmd",
     "rule_counters", "file_comments", "family_prefix",
 })
@@ -86,8 +97,7 @@ DIFF_FEATURES: frozenset[str] = frozenset({
 # or target marked "refused" (CompileError); move a feature to DIFF_FEATURES once it compiles.
 _REFUSED = "refused by bpfilter today"
 WITHHELD: dict[str, str] = {
-    **{f: _REFUSED for f in ("addrtype", "mac", "connmark", "reject", "log", "nflog",
-                             "tcp_option", "owner")},
+    "addrtype": f"{_REFUSED}: it needs FIB lookups",
     "limit": f"{_REFUSED}; also timing dependent (token buckets)",
     "hashlimit": f"{_REFUSED}; also timing dependent (token buckets)",
     "statistic": "nth/random: counts packets across rules and time",
@@ -311,9 +321,11 @@ def ruleset_options(family: int, max_rules: int = 24,
 
 RAW_SHARE = 0.3  # share of rulesets that also carry a raw table
 RAW_SEED = 0x7A3  # offset of the seed that generates the raw table's rules
-# Features that make no sense in raw PREROUTING (no user chains there, built-ins declared).
+# Features that make no sense in raw PREROUTING (no user chains there, built-ins declared;
+# REJECT is a filter-table target).
 RAW_WITHOUT = frozenset({"user_chains", "jump", "goto", "insert", "new_chain_cmd", "policy",
-                         "policy_cmd", "omit_builtin", "family_prefix", "file_comments"})
+                         "policy_cmd", "omit_builtin", "family_prefix", "file_comments",
+                         "reject"})
 
 
 RULESET_SIZES = (8, 24, 48)  # iptgen's max_rules, by seed: short rulesets and long ones

@@ -14,7 +14,8 @@ CORE_FEATURES: tuple[str, ...] = (
 )
 MATCH_FEATURES: tuple[str, ...] = (
     "tcp", "udp", "explicit_m_proto", "tcp_flags", "syn", "multiport", "icmp", "conntrack",
-    "state", "comment", "comment_odd_chars", "comment_long", "limit", "mark", "length",
+    "conntrack_options", "state", "comment", "comment_odd_chars", "comment_long", "limit",
+    "mark", "length",
     "pkttype", "addrtype", "iprange", "mac", "ttl", "dscp", "tos", "connmark", "statistic",
     "tcp_option", "recent", "hashlimit", "connlimit", "owner",
 )
@@ -42,6 +43,8 @@ NO_OUT_IFACE = frozenset({"INPUT", "PREROUTING"})
 
 TCP_FLAGS = ("SYN", "ACK", "FIN", "RST", "URG", "PSH")
 CT_STATES = ("INVALID", "NEW", "ESTABLISHED", "RELATED", "UNTRACKED", "SNAT", "DNAT")
+CT_STATUS = ("EXPECTED", "SEEN_REPLY", "ASSURED", "CONFIRMED")
+SENDER_MAC = "02:00:00:00:00:01"  # the source of tests/difftest.py's probe frames
 STATE_STATES = ("INVALID", "NEW", "ESTABLISHED", "RELATED", "UNTRACKED")
 ICMP_TYPES = (
     "any", "echo-request", "echo-reply", "destination-unreachable", "port-unreachable",
@@ -213,6 +216,30 @@ class _Gen:
             return f"{a}:{b}"
         return f"{a}:" if kind == 3 else f":{b}"
 
+    def ct_options(self) -> list[str]:
+        """One or two conntrack options besides --ctstate (--ctexpire left out: it counts
+        seconds, so its verdicts depend on timing)."""
+        r = self.rng
+        out: list[str] = []
+        for kind in r.sample(["proto", "dir", "addr", "port", "status"], r.randrange(1, 3)):
+            if kind == "proto":
+                proto = r.choice(["tcp", "udp", "ipv6-icmp" if self.v6 else "icmp", "17"])
+                out += [*self.bang(), "--ctproto", proto]
+            elif kind == "dir":
+                out += ["--ctdir", r.choice(["ORIGINAL", "REPLY"])]
+            elif kind == "addr":
+                name = r.choice(["--ctorigsrc", "--ctorigdst", "--ctreplsrc", "--ctrepldst"])
+                out += [*self.bang(), name, self.address()]
+            elif kind == "port":
+                name = r.choice(["--ctorigsrcport", "--ctorigdstport", "--ctreplsrcport",
+                                 "--ctrepldstport"])
+                a, b = sorted((r.choice(self.ports), r.choice(self.ports)))
+                out += [*self.bang(), name, str(a) if r.random() < 0.5 else f"{a}:{b}"]
+            else:
+                status = r.sample(CT_STATUS, r.randrange(1, 3))
+                out += [*self.bang(), "--ctstatus", ",".join(status)]
+        return out
+
     def iface(self) -> str:
         r = self.rng
         name = r.choice(["eth0", "eth1", "veth", "br-lan", "lo", "wg0", "dummy7"])
@@ -323,8 +350,12 @@ class _Gen:
         if not self.v6 and proto is None and self.on("fragment", 0.05):
             out.append((*self.bang(0.3), "-f"))
         if self.on("conntrack", 0.2):
-            states = r.sample(CT_STATES, r.randrange(1, 4))
-            out.append(("-m", "conntrack", *self.bang(), "--ctstate", ",".join(states)))
+            extra = self.ct_options() if self.on("conntrack_options", 0.5) else []
+            clause = ["-m", "conntrack"]
+            if not extra or r.random() < 0.5:
+                states = r.sample(CT_STATES, r.randrange(1, 4))
+                clause += [*self.bang(), "--ctstate", ",".join(states)]
+            out.append((*clause, *extra))
         if self.on("state", 0.1):
             states = r.sample(STATE_STATES, r.randrange(1, 3))
             out.append(("-m", "state", *self.bang(), "--state", ",".join(states)))
@@ -342,7 +373,7 @@ class _Gen:
                 f"/0x{r.randrange(1, 1 << 16):x}" if r.random() < 0.5 else "")
             out.append(("-m", "mark", *self.bang(), "--mark", value))
         if self.on("connmark", 0.05):
-            out.append(("-m", "connmark", *self.bang(), "--mark", str(r.randrange(1, 100))))
+            out.append(("-m", "connmark", *self.bang(), "--mark", str(r.randrange(0, 100))))
         if self.on("length", 0.05):
             a, b = sorted((r.randrange(0, 65536), r.randrange(0, 65536)))
             out.append(("-m", "length", *self.bang(), "--length",
@@ -363,7 +394,8 @@ class _Gen:
         # xt_mac only registers the hooks that see a source MAC; user chains could be
         # reached from any hook, so the generator keeps mac to these built-in chains.
         if chain in ("PREROUTING", "INPUT", "FORWARD") and self.on("mac", 0.04):
-            mac = ":".join(f"{r.randrange(256):02x}" for _ in range(6))
+            mac = SENDER_MAC if r.random() < 0.5 else \
+                ":".join(f"{r.randrange(256):02x}" for _ in range(6))
             out.append(("-m", "mac", *self.bang(), "--mac-source", mac))
         if self.on("ttl", 0.04):
             if self.v6:

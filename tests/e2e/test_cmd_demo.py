@@ -23,8 +23,8 @@ def test_demo_gives_iptables_verdicts_and_cleans_up() -> None:
     assert report["ok"] is True
     observed = [s["observed"] for s in report["steps"]]
     # closed port open before loading; ping and the service pass, the closed port hits the
-    # DROP policy; open again after unloading
-    assert observed == [True, True, True, False, True]
+    # DROP policy, the REJECTed port answers "port unreachable"; open again after unloading
+    assert observed == [True, True, True, False, True, True]
     counters = report["counters"]
     assert counters["filter/INPUT/policy"][0] >= 1
     assert counters["filter/INPUT/rule 3"][0] >= 1  # the echo-request rule

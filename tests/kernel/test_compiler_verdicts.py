@@ -59,6 +59,18 @@ def icmp(kind: int = 8, code: int = 0) -> bytes:
     return struct.pack("!BBHHH", kind, code, 0, 1, 1)
 
 
+def esp(spi: int) -> bytes:
+    return struct.pack("!II", spi, 1) + b"\0" * 8
+
+
+def ah(spi: int) -> bytes:
+    return struct.pack("!BBHII", 59, 4, 0, spi, 1) + b"\0" * 12
+
+
+def mh(kind: int, proto: int = 59) -> bytes:
+    return struct.pack("!BBBBH", proto, 1, kind, 0, 0) + b"\0" * 10
+
+
 # --- rulesets --------------------------------------------------------------------------------
 
 def ruleset(rules: str, *, family: int = 4, policy: str = "ACCEPT", chains: str = "",
@@ -190,6 +202,22 @@ CASES4 = [
     ("-A INPUT ! -i lo -j DROP", P4_TCP, DROP),
     ("-A INPUT -i + -j DROP", P4_TCP, DROP),  # `+` masks every byte: even no device matches
     ("-A INPUT ! -i + -j DROP", P4_TCP, ACCEPT),
+    # esp / ah: the SPI (host order) in a range; no match on later fragments, hot drop when
+    # the header is short
+    ("-A INPUT -p esp -m esp --espspi 256 -j DROP", ip4(50, esp(256)), DROP),
+    ("-A INPUT -p esp -m esp --espspi 257:300 -j DROP", ip4(50, esp(256)), ACCEPT),
+    ("-A INPUT -p esp -m esp ! --espspi 257:300 -j DROP", ip4(50, esp(256)), DROP),
+    ("-A INPUT -p esp -m esp --espspi 0x80000000: -j DROP", ip4(50, esp(0x90000000)), DROP),
+    ("-A INPUT -p esp -m esp -j DROP", ip4(50, esp(1)), DROP),
+    ("-A INPUT -p esp -m esp ! --espspi 1 -j DROP", ip4(50, esp(1), frag=2), ACCEPT),
+    ("-A INPUT -p esp -m esp --espspi 1 -j ACCEPT", ip4(50, esp(1)[:7]), DROP),
+    ("-A INPUT -p ah -m ah --ahspi 7 -j DROP", ip4(51, ah(7)), DROP),
+    ("-A INPUT -p ah -m ah ! --ahspi 7 -j DROP", ip4(51, ah(7)), ACCEPT),
+    ("-A INPUT -p ah -m ah --ahspi 8:9 -j ACCEPT", ip4(51, ah(7)[:11]), DROP),
+    # cpu: a test run runs on some CPU: exactly one of `--cpu N` and `! --cpu N` matches
+    # (see test_cpu_match); an impossible CPU never does
+    ("-A INPUT -m cpu --cpu 4000000 -j DROP", P4_TCP, ACCEPT),
+    ("-A INPUT -m cpu ! --cpu 4000000 -j DROP", P4_TCP, DROP),
     # several matches: all must hold, evaluated in order
     ("-A INPUT -s 198.18.0.1 -p tcp --dport 22 -m length --length 40 -j DROP", P4_TCP, DROP),
     ("-A INPUT -s 198.18.0.1 -p tcp --dport 22 -m length --length 41 -j DROP", P4_TCP, ACCEPT),
@@ -259,6 +287,15 @@ CASES6 = [
     ("-A INPUT -m length ! --length 60 -j DROP", P6_TCP, ACCEPT),
     ("-A INPUT -m conntrack --ctstate INVALID -j DROP", P6_TCP, DROP),
     ("-A INPUT -m mark --mark 0 -j DROP", P6_TCP, DROP),
+    ("-A INPUT -p esp -m esp --espspi 5 -j DROP", ip6(50, esp(5)), DROP),
+    ("-A INPUT -p esp -m esp --espspi 5 -j DROP", ip6(HBH, ext(50) + esp(5)), DROP),
+    ("-A INPUT -p esp -m esp --espspi 6 -j DROP", ip6(50, esp(5)), ACCEPT),
+    # mh: the type in a range; a payload protocol other than IPPROTO_NONE hot-drops
+    ("-A INPUT -p mh -m mh --mh-type binding-update -j DROP", ip6(135, mh(5)), DROP),
+    ("-A INPUT -p mh -m mh --mh-type 0:4 -j DROP", ip6(135, mh(5)), ACCEPT),
+    ("-A INPUT -p mh -m mh ! --mh-type 0:4 -j DROP", ip6(135, mh(5)), DROP),
+    ("-A INPUT -p mh -m mh -j ACCEPT", ip6(135, mh(5, proto=6)), DROP),
+    ("-A INPUT -p mh -m mh --mh-type 5 -j ACCEPT", ip6(135, mh(5)[:5]), DROP),
     ("-A INPUT ! -i lo -s 2001:db8::1 -j DROP", P6_TCP, DROP),
     ("-A INPUT -i eth0 -j DROP", P6_TCP, ACCEPT),
 ]
@@ -485,3 +522,26 @@ def test_long_user_chain_is_split_into_parts() -> None:
         hit = ip4(6, tcp(dport=2501), src="10.0.9.196")
         assert run.run(NfHook.LOCAL_IN, hit) == DROP
         assert run.counters()[("filter", "X", 2501)][0] == 1
+
+
+def test_cpu_match() -> None:
+    """Each test run runs on one CPU: `--cpu N` for every N < CPUs drops it exactly once."""
+    import os
+    cpus = os.cpu_count() or 1
+    rules = "\n".join(f"-A INPUT -m cpu --cpu {n} -j DROP" for n in range(cpus))
+    assert verdict(rules, P4_TCP) == DROP
+    assert verdict(f"-A INPUT -m cpu --cpu {cpus} -j DROP", P4_TCP) == ACCEPT
+
+
+def test_quota_counts_bytes_until_it_is_used_up() -> None:
+    """quota_mt: a packet matches while it fits in what is left (skb->len: 40 + 14 for a
+    test run's frame? no: the IP length the prologue counts), then never again; `!` inverts
+    the match, not the counting."""
+    size = len(P4_TCP)
+    for negated, want in ((False, (DROP, DROP, ACCEPT, ACCEPT)),
+                          (True, (ACCEPT, ACCEPT, DROP, DROP))):
+        bang = "! " if negated else ""
+        compiled = ruleset(f"-A INPUT -m quota {bang}--quota {2 * size + size // 2} -j DROP")
+        with loader.TestRunner(compiled) as run:
+            got = tuple(run.run(NfHook.LOCAL_IN, P4_TCP) for _ in range(4))
+        assert got == want, negated

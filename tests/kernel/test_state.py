@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from bpfilter import bpf, bpffs, loader, state, testbed
+from bpfilter.codegen import lookup
 from bpfilter.codegen.compiler import compile_ruleset
 from bpfilter.codegen.uapi import NfHook
 from bpfilter.dispatch import (
@@ -19,6 +20,7 @@ from bpfilter.dispatch import (
     Dispatch,
     TableKey,
     load_dispatcher,
+    next_generation,
     open_dispatch,
     pin_name,
 )
@@ -27,6 +29,9 @@ from bpfilter.ir.iptables_save import to_iptables_save
 from bpfilter.ir.model import Ruleset
 
 FILTER = TableKey(4, "filter")
+# Generations of two rebuilds in a row (bpfilter.dispatch.next_generation).
+FIRST = next_generation(0, rebuild=True)
+SECOND = next_generation(FIRST, rebuild=True)
 UDP_FROM_1 = bytes.fromhex("4500001c0000000040110000c6120001c6120002") + bytes(8)
 
 
@@ -39,7 +44,7 @@ def _commit(ns: str, text: str, **kw: object) -> int:
     programs = loader.load_programs(compile_ruleset(ruleset, 4))
     try:
         return state.commit(FILTER, programs, to_iptables_save(ruleset), ns,
-                            **kw)  # type: ignore[arg-type]
+                            table=ruleset.tables[0], **kw)  # type: ignore[arg-type]
     finally:
         programs.close()
 
@@ -97,35 +102,35 @@ def test_dispatcher_switches_by_parity_and_falls_through_to_accept() -> None:
 
 def test_commit_pins_state_and_reads_it_back(ns: str) -> None:
     text = _text("-A INPUT -p udp -j ACCEPT\n", policy="DROP")
-    assert _commit(ns, text) == 1
-    assert _commit(ns, text) == 2
+    assert _commit(ns, text) == FIRST
+    assert _commit(ns, text) == SECOND
     names = {p.name for p in bpffs.pins(ns)}
     assert names == {state.OWNER_PIN} | {pin_name(FILTER, n) for n in (
-        "ctl", "progs", "link-INPUT", "link-FORWARD", "link-OUTPUT", "g2-text",
-        "g2-map-counters")}
+        "ctl", "progs", "link-INPUT", "link-FORWARD", "link-OUTPUT", f"g{SECOND}-text",
+        f"g{SECOND}-layout", f"g{SECOND}-map-counters")}
     assert bpffs.pin_dir(ns, create=False).stat().st_mode & 0o777 == 0o700
     live = state.live_table(FILTER, ns)
-    assert live is not None and live.generation == 2
+    assert live is not None and live.generation == SECOND
     assert live.text == to_iptables_save(parse_restore(text))
     assert set(live.prog_ids) == {"INPUT"}
     assert state.tables(ns) == [FILTER] and state.tables(ns, 6) == []
     [st] = state.status(ns)
-    assert (st.generation, st.rules, [p.chain for p in st.programs]) == (2, 1, ["INPUT"])
+    assert (st.generation, st.rules, [p.chain for p in st.programs]) == (SECOND, 1, ["INPUT"])
     assert [m[0] for m in st.maps] == ["counters"]
 
 
 def test_leftovers_of_an_interrupted_commit_are_ignored_then_removed(ns: str) -> None:
     _commit(ns, _text("-A INPUT -j DROP\n"))
-    # What a run killed after pinning generation 2 but before the switch leaves behind.
+    # What a run killed after pinning the next generation but before the switch leaves.
     with state.store_text("garbage") as m:
-        bpffs.pin(m, pin_name(FILTER, "g2-text"), ns)
+        bpffs.pin(m, pin_name(FILTER, f"g{SECOND}-text"), ns)
     live = state.live_table(FILTER, ns)
-    assert live is not None and live.generation == 1
+    assert live is not None and live.generation == FIRST
     assert "-A INPUT -j DROP" in live.text
     _commit(ns, _text("-A INPUT -j ACCEPT\n"))
     live = state.live_table(FILTER, ns)
-    assert live is not None and live.generation == 2 and "-j ACCEPT" in live.text
-    assert not any(".g1-" in p.name or p.name.endswith("g1-text") for p in bpffs.pins(ns))
+    assert live is not None and live.generation == SECOND and "-j ACCEPT" in live.text
+    assert not any(f"-g{FIRST}-" in p.name for p in bpffs.pins(ns))
 
 
 def test_counters_are_seeded_before_the_switch(ns: str) -> None:
@@ -160,7 +165,7 @@ def test_programs_live_on_in_the_pinned_prog_array_after_their_fds_close(ns: str
     with d.ctl, d.progs:
         gen = d.generation()
         assert d.prog_id(gen, NfHook.LOCAL_IN) is not None
-        assert struct.unpack("<I", d.ctl.lookup(struct.pack("<I", 0)) or b"")[0] == gen == 1
+        assert struct.unpack("<I", d.ctl.lookup(struct.pack("<I", 0)) or b"")[0] == gen == FIRST
 
 
 def test_pins_of_a_namespace_deleted_and_created_again_are_dropped(ns: str) -> None:
@@ -174,7 +179,7 @@ def test_pins_of_a_namespace_deleted_and_created_again_are_dropped(ns: str) -> N
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
     assert state.stale(ns)
     assert state.live_table(FILTER, ns) is None and state.status(ns) == []
-    assert _commit(ns, _text("-A INPUT -j ACCEPT\n")) == 1  # starts afresh
+    assert _commit(ns, _text("-A INPUT -j ACCEPT\n")) == FIRST  # starts afresh
     assert not state.stale(ns)
     live = state.live_table(FILTER, ns)
     assert live is not None and "-j ACCEPT" in live.text
@@ -183,3 +188,28 @@ def test_pins_of_a_namespace_deleted_and_created_again_are_dropped(ns: str) -> N
     while mine & set(bpf.link_ids()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not mine & set(bpf.link_ids())
+
+
+def test_a_layout_is_kept_only_for_programs_reading_the_tables_switch(ns: str) -> None:
+    """Map-only changes flip the copy bit in the table's ctl: programs linked to a private
+    ctl (loaded for a test run, say) would never see them, so no layout is stored for them
+    and every later change rebuilds."""
+    rules = "".join(f"-A INPUT -s 198.18.1.{i}/32 -j DROP\n" for i in range(1, 41))
+    ruleset = parse_restore(_text(rules))
+    compiled = compile_ruleset(ruleset, 4)
+    assert any(m.name == lookup.CTL_MAP for m in compiled.maps)
+    gen = _commit(ns, _text(rules))
+    assert not bpffs.pin_path(pin_name(FILTER, f"g{gen}-layout"), ns).exists()
+    live = state.live_table(FILTER, ns)
+    assert live is not None and live.layout is None
+    with state.switch_map(FILTER, ns) as ctl:
+        programs = loader.load_programs(compiled, {lookup.CTL_MAP: ctl})
+    try:
+        gen = state.commit(FILTER, programs, to_iptables_save(ruleset), ns,
+                           table=ruleset.tables[0])
+    finally:
+        programs.close()
+    live = state.live_table(FILTER, ns)
+    assert live is not None and live.generation == gen and live.layout is not None
+    assert live.layout.fast["INPUT"].keys[0] == 0xC6120101
+    assert live.counters()[("filter", "INPUT", 40)] == (0, 0)

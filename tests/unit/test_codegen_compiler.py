@@ -121,15 +121,20 @@ def test_conntrack_needs() -> None:
     ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
      ":POSTROUTING ACCEPT [0:0]\nCOMMIT\n", "line 1: table 'nat' is not supported"),
     ("*mangle\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n", "line 1: table 'mangle' is not supported"),
-    (filter_table("-A INPUT -p tcp -j REJECT"), "line 5: target 'REJECT' is not supported"),
-    (filter_table("-A INPUT -j LOG"), "line 5: target 'LOG' is not supported"),
-    (filter_table("-A INPUT -m limit -j ACCEPT"), "line 5: match 'limit' is not supported"),
-    (filter_table("-A INPUT -p tcp --tcp-option 2 -j ACCEPT"),
-     "line 5: match 'tcp' option '--tcp-option' is not supported"),
-    (filter_table("-A INPUT -m conntrack --ctstate NEW --ctstatus ASSURED -j ACCEPT"),
-     "line 5: match 'conntrack' option '--ctstatus' is not supported"),
-    (filter_table("-A INPUT -m conntrack --ctproto tcp -j ACCEPT"),
-     "line 5: match 'conntrack' option '--ctproto' is not supported"),
+    (filter_table("-A INPUT -j CONNMARK --set-mark 1"),
+     "line 5: target 'CONNMARK' is not supported"),
+    (filter_table("-A INPUT -m recent --rcheck --seconds 5 --reap -j DROP"),
+     "line 5: match 'recent' option '--reap' is not supported: it removes the list's oldest "
+     "entry, which a BPF LRU map cannot name"),
+    ("*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A PREROUTING -m rpfilter -j DROP\n"
+     "COMMIT\n", "line 4: match 'rpfilter' is not supported: it needs a FIB lookup, and "
+     "netfilter BPF programs have none (bpf_fib_lookup is for XDP and TC)"),
+    (filter_table("-A INPUT -m connlimit --connlimit-above 2 -j ACCEPT"),
+     "line 5: match 'connlimit' is not supported: it counts the conntrack entries per address "
+     "(nf_conncount), which a BPF program cannot enumerate"),
+    (filter_table("-A INPUT -p sctp -m sctp --chunk-types all INIT -j ACCEPT"),
+     "line 5: match 'sctp' option '--chunk-types' is not supported: sctp_mt walks every chunk "
+     "of the packet, which a BPF program cannot bound"),
 ])
 def test_refusals_name_the_line(text: str, message: str) -> None:
     with pytest.raises(CompileError) as e:

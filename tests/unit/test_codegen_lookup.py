@@ -23,8 +23,11 @@ U32 = 0xFFFFFFFF
 
 
 def _run4() -> lookup.Run:
-    rules = [Rule(src=Prefix(0xC6120000, 0xFFFF0000, 32), target=DROP),
-             Rule(src=Prefix(0xC6120100, 0xFFFFFF00, 32), target=ACCEPT)]
+    # A /24 inside the /16 of a later rule: it keeps its own entry (it answers rule 0, the
+    # /16 around it rule 1).
+    rules = [Rule(src=Prefix(0xC6120100, 0xFFFFFF00, 32), target=ACCEPT),
+             Rule(src=Prefix(0xC6120000, 0xFFFF0000, 32), target=DROP),
+             Rule(src=Prefix(0xC6120180, 0xFFFFFF80, 32), target=DROP)]  # shadowed: no entry
     return build_run(rules, KeyField.SRC, start=3)
 
 
@@ -37,10 +40,10 @@ def test_prefix_map_is_an_lpm_trie_sized_to_its_entries() -> None:
 
 def test_prefix_contents_encode_length_address_counter_action() -> None:
     contents = dict(lookup.map_contents(_run4(), first_index=10))
-    # The /24 lies inside the /16 of the earlier rule: it answers that rule (counter 10).
+    # value: counter index, action number (ACCEPT 0, DROP 1)
     assert contents == {
-        struct.pack("<I", 16) + bytes([198, 18, 0, 0]): struct.pack("<II", 10, 0),
         struct.pack("<I", 24) + bytes([198, 18, 1, 0]): struct.pack("<II", 10, 0),
+        struct.pack("<I", 16) + bytes([198, 18, 0, 0]): struct.pack("<II", 11, 1),
     }
 
 
@@ -62,10 +65,19 @@ def test_ipv6_and_protocol_maps() -> None:
     full = (1 << 128) - 1
     v6 = build_run([Rule(dst=Prefix(0x20010DB8 << 96, full << 64 & full, 128), target=DROP)],
                    KeyField.DST)
+    # One prefix length: a hash keyed by the address masked to it.
+    spec = lookup.map_spec("v6", v6)
+    assert (spec.type, spec.key_size) == (MapType.HASH, 16)
+    ((key, _),) = lookup.map_contents(v6, 0)
+    assert key == bytes.fromhex("20010db8") + bytes(12)
+    # Two lengths: a trie keyed by length + address.
+    v6 = build_run([Rule(dst=Prefix(0x20010DB8 << 96, full << 64 & full, 128), target=DROP),
+                    Rule(dst=Prefix(0x20010DB9 << 96, full << 96 & full, 128), target=DROP)],
+                   KeyField.DST)
     spec = lookup.map_spec("v6", v6)
     assert (spec.type, spec.key_size) == (MapType.LPM_TRIE, 20)
-    ((key, _),) = lookup.map_contents(v6, 0)
-    assert key == struct.pack("<I", 64) + bytes.fromhex("20010db8") + bytes(12)
+    assert struct.pack("<I", 64) + bytes.fromhex("20010db8") + bytes(12) in dict(
+        lookup.map_contents(v6, 0))
     proto = build_run([Rule(proto=47, target=DROP), Rule(proto=50, target=ACCEPT)],
                       KeyField.PROTO)
     spec = lookup.map_spec("p", proto)
@@ -90,11 +102,15 @@ def test_emit_lookup_builds_the_key_and_jumps_to_fail_on_a_miss(
     em = Emitter(family, "r", "r:fail", "r:hot")
     lookup.emit_lookup(em, run, "lookup_7")
     insns = [it for it in em.items if isinstance(it, Insn)]
-    assert [i.ref for i in insns if i.ref == "lookup_7"] == ["lookup_7"]
-    assert sum(1 for i in insns if i.ref == "r:fail") == 1
-    assert sum(1 for i in insns if i.src == 7 and i.off >= 0 and i.opcode & 0x07 == 0x01) == loads
+    # One lookup per copy of the map (lookup.buffer_names), each failing on a miss.
+    assert [i.ref for i in insns if i.ref and i.ref.startswith("lookup_7")] == \
+        ["lookup_7", "lookup_7_b"]
+    assert sum(1 for i in insns if i.ref == "r:fail") == 2
+    # The key's loads from the meta area, and the copy bit.
+    assert sum(1 for i in insns if i.src == 7 and i.off >= 0 and i.opcode & 0x07 == 0x01) == \
+        loads + 1
     assert em.used_hotdrop == (field is KeyField.PROTO and family == 6)
-    assert not any(isinstance(it, Label) for it in em.items)
+    assert [it.name for it in em.items if isinstance(it, Label)] == ["r:copy11", "r:copied2"]
 
 
 def _ruleset(rules: list[str], chains: str = "") -> str:
@@ -109,7 +125,7 @@ BLOCK = [f"-A INPUT -s 198.18.{i}.0/24 -j {'DROP' if i % 3 else 'ACCEPT'}" for i
 def test_compiler_emits_one_lookup_per_run_and_keeps_counters_per_rule() -> None:
     text = _ruleset(["-A INPUT -p tcp -j ACCEPT", *BLOCK, "-A INPUT -j DROP"])
     compiled = compile_ruleset(parse_restore(text), 4, min_run=4)
-    assert [m.name for m in compiled.maps] == ["counters", "lookup_0"]
+    assert [m.name for m in compiled.maps] == ["counters", "ctl", "lookup_0", "lookup_0_b"]
     assert compiled.maps[0].max_entries == 15  # 3 policies + 12 rules: one counter each
     (table, chain, run, name) = compiled.lookups[0]
     assert (table, chain, run.start, run.stop, name) == ("filter", "INPUT", 1, 11, "lookup_0")
@@ -121,7 +137,7 @@ def test_optimize_off_and_user_chain_maps_shared_between_programs() -> None:
     text = _ruleset([*[r.replace("-A INPUT", "-A BLOCK") for r in BLOCK],
                      "-A INPUT -j BLOCK", "-A OUTPUT -j BLOCK"], chains="BLOCK")
     compiled = compile_ruleset(parse_restore(text), 4, min_run=4)
-    assert [m.name for m in compiled.maps] == ["counters", "lookup_0"]
+    assert [m.name for m in compiled.maps] == ["counters", "ctl", "lookup_0", "lookup_0_b"]
     assert len(compiled.programs) == 2
     plain = compile_ruleset(parse_restore(text), 4, optimize=False)
     assert [m.name for m in plain.maps] == ["counters"] and not plain.contents
@@ -208,11 +224,12 @@ def _many_runs(groups: int) -> str:
 def test_runs_beyond_the_map_limit_stay_linear_largest_kept() -> None:
     compiled = compile_ruleset(parse_restore(_many_runs(80)), 4, min_run=4)
     sizes = sorted(len(run.rules) for _, _, run, _ in compiled.lookups)
-    lookups = MAX_USED_MAPS - 1 - RESERVED_MAPS  # counters + reserve for matches/targets
-    assert len(compiled.maps) == lookups + 1
-    assert len(sizes) == lookups == 55
-    # 16 runs of each size 4..8: the 55 largest are the 16 of 8 and 7 rules, 16 of 6, 7 of 5.
-    assert sizes == [5] * 7 + [6] * 16 + [7] * 16 + [8] * 16
+    # counters, the switch and the reserve for matches/targets; a run's map has two copies
+    lookups = (MAX_USED_MAPS - 2 - RESERVED_MAPS) // 2
+    assert len(compiled.maps) == 2 * lookups + 2
+    assert len(sizes) == lookups == 27
+    # 16 runs of each size 4..8: the 27 largest are the 16 of 8 rules and 11 of 7.
+    assert sizes == [7] * 11 + [8] * 16
 
 
 def test_interface_run_keys_are_nul_padded_names() -> None:

@@ -19,7 +19,7 @@ from bpfilter.codegen.matchers import (
     masked_words,
 )
 from bpfilter.codegen.opcodes import JmpOp
-from bpfilter.codegen.uapi import NfHook
+from bpfilter.codegen.uapi import IfHook, NfHook
 from bpfilter.ir.matches import MATCHES
 from bpfilter.ir.model import Match, Option, PortRange, Prefix, Rule
 
@@ -107,15 +107,25 @@ def test_every_matcher_is_a_front_end_match() -> None:
 def test_refusals() -> None:
     tcp = MATCHERS["tcp"]
     assert tcp.refusal(Match("tcp", (Option("--dport", PortRange(1, 1)),)), 4) is None
-    assert tcp.refusal(Match("tcp", (Option("--tcp-option", 2),)), 4) == \
-        "match 'tcp' option '--tcp-option' is not supported"
+    assert tcp.refusal(Match("tcp", (Option("--tcp-option", 2),)), 4) is None
+    assert tcp.needs_for(Match("tcp", (Option("--tcp-option", 2),))) == \
+        nf.Needs(tcp_options=True)
     assert MATCHERS["icmp"].refusal(Match("icmp"), 6) == "match 'icmp' is not supported for IPv6"
     assert HEADER["-f"].refusal(Match(""), 6) == "match '-f' is not supported for IPv6"
-    assert MATCHERS["state"].hooks == frozenset(NfHook)
+    # conntrack state runs at netfilter hooks and at TC egress (the sk_buff carries it)
+    assert MATCHERS["state"].hooks == frozenset(NfHook) | {IfHook.TC_EGRESS}
     ct = MATCHERS["conntrack"]
     assert ct.refusal(Match("conntrack", (Option("--ctstate", 8 | 256),)), 4) is None
-    assert ct.refusal(Match("conntrack", (Option("--ctdir", "REPLY"),)), 4) == \
-        "match 'conntrack' option '--ctdir' is not supported"
+    assert ct.refusal(Match("conntrack", (Option("--ctdir", "REPLY"),)), 4) is None
+    assert MATCHERS["mac"].refusal(Match("mac", (Option("--mac-source", "02:00:00:00:00:01"),)),
+                                   4, NfHook.LOCAL_OUT) == \
+        "match 'mac' is not supported at hook LOCAL_OUT"
+    assert MATCHERS["sctp"].refusal(
+        Match("sctp", (Option("--chunk-types", ("any", "INIT")),)), 4) == \
+        "match 'sctp' option '--chunk-types' is not supported: sctp_mt walks every chunk of " \
+        "the packet, which a BPF program cannot bound"
+    assert MATCHERS["rpfilter"].refusal(Match("rpfilter", (Option("--loose", True),)), 4) \
+        .startswith("match 'rpfilter' is not supported: it needs a FIB lookup")
 
 
 def test_needs() -> None:
@@ -128,6 +138,10 @@ def test_needs() -> None:
         nf.Needs(conntrack=True)
     assert ct.needs_for(Match("conntrack", (Option("--ctstate", 8 | 512),))) == \
         nf.Needs(conntrack=True, conntrack_nat=True)
+    assert ct.needs_for(Match("conntrack", (Option("--ctdir", "REPLY"),
+                                            Option("--ctproto", 6)))) == \
+        nf.Needs(conntrack=True, ct_dir=True, ct_tuples=True)
+    assert MATCHERS["connmark"].needs == nf.Needs(conntrack=True, ct_mark=True)
 
 
 def test_kernel_layout_resolves_field_loads() -> None:
@@ -139,6 +153,30 @@ def test_kernel_layout_resolves_field_loads() -> None:
         nf.KField.CTX_SKB) + 8
     with pytest.raises(ValueError, match="lacks"):
         nf.KernelLayout({})
+
+
+def test_kernel_layout_resolves_hz_only_when_known() -> None:
+    from bpfilter.codegen.insn import R2
+    offsets = {f: 0 for f in nf.KField}
+    (insn,) = nf.KernelLayout(offsets, hz=250).resolve([nf.KernelHz(R2)])
+    assert isinstance(insn, Insn) and insn.imm == 250
+    with pytest.raises(ValueError, match="HZ is unknown"):
+        nf.KernelLayout(offsets).resolve([nf.KernelHz(R2)])
+
+
+def test_conntrack_options_emit_in_kernel_order() -> None:
+    # conntrack_mt's order whatever the input order: the entry check, --ctdir, --ctexpire.
+    em = Emitter(4, "r", "fail", "hot")
+    emit_conntrack(em, Rule(), Match("conntrack", (Option("--ctexpire", PortRange(1, 2)),
+                                                   Option("--ctdir", "REPLY"))))
+    assert not any(isinstance(it, nf.FieldLoad) for it in em.items)  # meta area only
+
+    def where(pred: object) -> int:
+        return next(i for i, it in enumerate(em.items) if pred(it))  # type: ignore[operator]
+
+    state = where(lambda it: isinstance(it, Insn) and it.off == nf.CT_STATE)
+    direction = where(lambda it: isinstance(it, Insn) and it.off == nf.CT_DIR)
+    assert state < direction < where(lambda it: isinstance(it, nf.KernelHz))
 
 
 def test_func_btf_and_hook_state() -> None:

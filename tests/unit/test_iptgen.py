@@ -39,6 +39,7 @@ def test_size_and_family(family: int) -> None:
 @pytest.mark.parametrize(("feature", "pattern"), [
     ("multiport", r"-m multiport"),
     ("conntrack", r"-m conntrack"),
+    ("conntrack_options", r"--ct(proto|dir|origsrc|origdst|replsrc|repldst|status)"),
     ("comment", r"-m comment"),
     ("negation", r"(^| )! "),
     ("user_chains", r"^:U"),

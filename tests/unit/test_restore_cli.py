@@ -121,7 +121,7 @@ def test_refusals_before_any_kernel_work(monkeypatch: pytest.MonkeyPatch) -> Non
     out = restore.restore("*nat\n-A POSTROUTING -j MASQUERADE\nCOMMIT\n", RestoreOptions())
     assert out.code == 1 and out.error_line == 1
     assert out.err.startswith("iptables-restore: line 1 failed: table 'nat' cannot be compiled")
-    assert "--delegate" in out.err and "not implemented yet" in out.err
+    assert "use --delegate nat or BPFILTER_DELEGATE=nat" in out.err
     out = restore.restore("*filter\n-A INPUT -p tcp --dport 99999 -j ACCEPT\nCOMMIT\n",
                           RestoreOptions())
     assert (out.code, out.error_line, out.tables) == (2, 2, [])
