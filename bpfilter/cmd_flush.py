@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bpfilter import bpf, bpffs, ifattach, netns, responder, state
+from bpfilter import bpf, bpffs, delegate, ifattach, netns, responder, state
 from bpfilter.restore import CliExit, locked
 
 
@@ -30,16 +30,22 @@ def run(args: argparse.Namespace) -> int:
             netns.check_name(args.netns)
         with locked(args.wait):
             detached = ifattach.remove_all(args.netns)
+            emptied = delegate.flush_tables(args.netns)  # before state.flush drops the pins
             removed = state.flush(args.netns)
             responder.stop(args.netns)
     except CliExit as e:
         sys.stderr.write(e.err)
+        return e.code
+    except delegate.SaveError as e:
+        sys.stderr.write(f"bpfilter flush: emptying a delegated table failed: {e.err}")
         return e.code
     except (state.StateError, netns.NetnsError, bpffs.BpffsError, bpf.BpfError) as e:
         print(f"bpfilter flush: {e}", file=sys.stderr)
         return 4
     for key in removed:
         print(f"removed {key.prefix}")
+    for name in emptied:
+        print(f"emptied {name} (delegated to iptables)")
     for attached in detached:
         print(f"removed {attached}")
     return 0

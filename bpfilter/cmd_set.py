@@ -89,6 +89,8 @@ def _print(args: argparse.Namespace, text: str, data: dict[str, object]) -> None
 
 def _execute(args: argparse.Namespace) -> int:
     cmd, ns = args.set_command, args.netns
+    # Pins left by an earlier namespace of this name (deleted, created again) are not its sets.
+    state.drop_stale(ns)
     if cmd == "create":
         t = _type(args)
         with locked(args.wait):

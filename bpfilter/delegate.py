@@ -29,6 +29,7 @@ from bpfilter import bpf, bpffs, netns, state
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import MapType
 from bpfilter.dispatch import TableKey
+from bpfilter.grammar.iptables import BUILTIN_CHAINS
 from bpfilter.restore_verbose import Printer
 
 if TYPE_CHECKING:
@@ -470,3 +471,31 @@ def single(argv: Sequence[str], family: int, tool: str) -> Ran | None:
         return Ran(2, "", f"{tool}: --json is not available for table '{table}': it is "
                    f"delegated to {config.single_cmd(family)}\n")
     return run([config.single_cmd(family), *strip_own_options(argv)], ns)
+
+
+# --- flushing ---------------------------------------------------------------------------------
+
+def flush_tables(ns: str | None) -> list[str]:
+    """Empty every delegated table bpfilter created in ``ns`` (rules and user chains go,
+    built-in chains get policy ACCEPT and zero counters: a legacy table cannot be removed)
+    and forget it. Returns their names (``ip-nat``, ``ip6-mangle``...); SaveError when the
+    backend refuses (the table's marker then stays, so a later flush tries again)."""
+    try:
+        config = load(None)
+    except ConfigError:
+        config = Config()  # the default backend: a broken config file must not block a flush
+    done = []
+    for family in (4, 6):
+        existing = kernel_tables(family, ns)
+        for table in DELEGABLE:
+            marker = _marker(table, family)
+            if created(table, family, ns) == -math.inf:
+                continue
+            if table in existing:
+                chains = "".join(f":{c} ACCEPT [0:0]\n" for c in BUILTIN_CHAINS[table])
+                ran = run([config.restore_cmd(family)], ns, f"*{table}\n{chains}COMMIT\n")
+                if ran.code != 0:
+                    raise SaveError(ran.code, ran.err)
+            bpffs.unpin(bpffs.pin_path(marker, ns))
+            done.append(marker.removesuffix("-delegated"))
+    return done

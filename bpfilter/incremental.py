@@ -94,6 +94,12 @@ class Blocklist:
             return key.to_bytes(self.bits // 8, "big")
         return struct.pack("<I", key)
 
+    def key_of(self, entry: bytes) -> int:
+        """The key of a map key (``entry_key`` undone)."""
+        if KeyField(self.field).is_prefix:
+            return int.from_bytes(entry, "big")
+        return int(struct.unpack("<I", entry)[0])
+
 
 def rule_key(rule: Rule, f: KeyField) -> int | None:
     """The key a rule of an exact run on ``f`` has (a masked address, port or protocol)."""
@@ -494,31 +500,43 @@ def blocklist_change(layout: Layout, chain: str, position: int, key: int, action
     if len(keys) > layout.map_capacity.get(seg.map, 0):
         raise Rebuild(f"map {seg.map} is full")
 
-    def value(k: int) -> bytes | None:
-        try:
-            i = keys.index(k)
-        except ValueError:
-            return None
-        return lookup.VALUE.pack(slots[i], acts[i])
-
     mine = b.entry_key(key)
-    try:
-        was: bytes | None = lookup.VALUE.pack(layout.slots[chain][b.keys.index(key)],
-                                              b.acts[b.keys.index(key)])
-    except ValueError:
-        was = None
-    prefix = KeyField(b.field).is_prefix
-    stale = {mine, *layout.lag.get(seg.map, ()), *(dirty or {}).get(seg.map, ())}
-    writes = {k: value(int.from_bytes(k, "big") if prefix else struct.unpack("<I", k)[0])
-              for k in stale}
-    lag = {seg.map: [mine]} if writes[mine] != was else {}
+    was = _value(b.keys, b.acts, layout.slots[chain], key)
+    writes: dict[str, dict[bytes, bytes | None]] = {
+        seg.map: {mine: _value(keys, acts, slots, key)}}
+    # Keys the other copy lags behind by (the previous change's), and keys a killed change
+    # left written there, get the value now in force; here from the compact forms alone.
+    owner = {segs[0].map: c for c, segs in layout.segments.items()
+             if c in layout.fast and len(segs) == 1}
+    for name in {*layout.lag, *(dirty or {})}:
+        stale = {*layout.lag.get(name, ()), *(dirty or {}).get(name, ())}
+        c = owner.get(name)
+        if c is None:
+            raise Rebuild(f"map {name} has keys to rewrite outside a blocklist")
+        other = layout.fast[c]
+        ks, acs, ss = (keys, acts, slots) if c == chain else (other.keys, other.acts,
+                                                                layout.slots[c])
+        w = writes.setdefault(name, {})
+        for k in stale - w.keys():
+            w[k] = _value(ks, acs, ss, other.key_of(k))
+    lag = {seg.map: [mine]} if writes[seg.map][mine] != was else {}
     out = Layout(layout.capacity, alloc.top, dict(layout.policy),
                  {**layout.slots, chain: slots},
                  {**layout.segments, chain: [replace(seg, stop=len(keys))]},
                  dict(layout.map_capacity), alloc.free, alloc.freed, lag,
-                 {seg.map: list(writes)},
+                 {name: list(w) for name, w in writes.items()},
                  {**layout.fast, chain: replace(b, keys=keys, acts=acts)})
-    return Change(out, {seg.map: writes}, counters)
+    return Change(out, writes, counters)
+
+
+def _value(keys: array[int], acts: bytearray | bytes, slots: Sequence[int],
+           key: int) -> bytes | None:
+    """The map value for ``key``: the first rule with it (its slot and action), or None."""
+    try:
+        i = keys.index(key)
+    except ValueError:
+        return None
+    return lookup.VALUE.pack(slots[i], acts[i])
 
 
 def edit_text(text: str, chain: str, rules: int, position: int, line: str | None) -> str:

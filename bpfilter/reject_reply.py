@@ -139,11 +139,11 @@ def fold32(csum: int) -> int:
 
 
 def _pseudo4(src: bytes, dst: bytes, length: int, proto: int) -> int:
-    return ones_sum(src + dst + struct.pack("!HH", proto, length))
+    return ones_sum(src + dst + struct.pack("!HH", proto, length & 0xFFFF))
 
 
 def _pseudo6(src: bytes, dst: bytes, length: int, proto: int) -> int:
-    return ones_sum(src + dst + struct.pack("!II", length, proto))
+    return ones_sum(src + dst + struct.pack("!II", length & 0xFFFFFFFF, proto))
 
 
 def _with_checksum(data: bytes, at: int, start: int) -> bytes:
@@ -212,7 +212,8 @@ def reply4(o: Original, *, default_ttl: int = 64, fwmark_reflect: bool = False,
     on a forwarded packet's input device (None when that sysctl is off).
     """
     pkt = o.packet
-    if len(pkt) < IPV4_HEADER:
+    # ip_rcv / __ip_local_out validated these for any packet a hook sees.
+    if len(pkt) < IPV4_HEADER or not IPV4_HEADER <= _ihl(pkt) <= min(len(pkt), o.skb_len):
         return None
     frag_off = struct.unpack_from("!H", pkt, 6)[0]
     if frag_off & IP_OFFSET:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import ipaddress
 import os
 import select
@@ -38,6 +39,7 @@ from bpfilter import bpf, bpffs
 from bpfilter import netns as netns_mod
 from bpfilter import reject_reply as rr
 from bpfilter.codegen import reject
+from bpfilter.codegen.uapi import NfHook
 
 RUN_DIR = Path("/run/bpfilter")
 RING_SUFFIX = f"-map-{reject.RING}"
@@ -95,15 +97,23 @@ def _argv(ns: str | None) -> list[str]:
     return [sys.executable, "-m", "bpfilter", "responder", *(["--netns", ns] if ns else [])]
 
 
-def running(ns: str | None) -> int | None:
-    """The pid of ``ns``'s responder when it is alive, else None."""
+def _inode(ns: str | None) -> int:
     try:
-        pid = int(pid_path(ns).read_text().split()[0])
+        return netns_mod.inode(ns) if ns is not None else 0
+    except OSError:
+        return -1  # the namespace is gone
+
+
+def running(ns: str | None) -> int | None:
+    """The pid of ``ns``'s responder when it is alive and serves the namespace now named
+    ``ns`` (one deleted and created again under that name is another), else None."""
+    try:
+        pid, inode = (int(w) for w in pid_path(ns).read_text().split()[:2])
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
     want = [a.encode() for a in _argv(ns)[2:]]
-    return pid if cmdline[2:2 + len(want)] == want else None
+    return pid if cmdline[2:2 + len(want)] == want and inode == _inode(ns) else None
 
 
 def sync(ns: str | None) -> int | None:
@@ -174,18 +184,28 @@ class Status:
 
     needed: bool  # some table in force REJECTs
     pid: int | None  # None: not running
+    lost: int = 0  # reject events a full ring dropped (those packets got no reply)
 
     def line(self) -> str:
+        lost = f"; {self.lost} events lost to a full ring" if self.lost else ""
         if self.pid is not None:
-            return f"REJECT responder: running, pid {self.pid}"
+            return f"REJECT responder: running, pid {self.pid}{lost}"
         if self.needed:
             return "REJECT responder: NOT RUNNING: REJECT rules drop without replying " \
-                   "(any bpfilter-restore starts it again)"
+                   f"(any bpfilter-restore starts it again){lost}"
         return "REJECT responder: not needed"
 
 
 def status(ns: str | None) -> Status:
-    return Status(bool(ring_pins(ns)), running(ns))
+    drops = f"-map-{reject.DROPS}"
+    lost = 0
+    for p in bpffs.pins(ns):
+        if p.name.endswith(drops):
+            with contextlib.suppress(OSError, bpf.BpfError), \
+                    bpf.map_from_fd(bpf.obj_get(str(p)), reject.DROPS) as m:
+                lost += sum(struct.unpack("<Q", v)[0]
+                            for v in m.lookup_percpu(struct.pack("<I", 0)) or [])
+    return Status(bool(ring_pins(ns)), running(ns), lost)
 
 
 # --- the process ------------------------------------------------------------------------------
@@ -233,13 +253,14 @@ class Responder:
 
     def __init__(self, ns: str | None) -> None:
         self.ns = ns
-        self.inode = netns_mod.inode(ns) if ns is not None else 0
+        self.inode = _inode(ns)
         self.rings: dict[Path, tuple[bpf.Map, bpf.RingBuffer]] = {}
         self.sysctl = _Sysctls()
         self.bits = rr.SkbBits()  # from BTF in warm_up()
         self.limits = {4: rr.RateLimiter(frozenset(), 1000), 6: rr.RateLimiter(frozenset(), 1000)}
         self._local: dict[int, tuple[float, frozenset[bytes]]] = {}
         self._routes6: tuple[float, list[tuple[int, int]]] | None = None
+        self._hoplimits: dict[bytes, tuple[float, int | None]] = {}
         self.sent = 0
         self.icmp4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         self.icmp4.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", 0xFFFFFFFF))
@@ -291,15 +312,22 @@ class Responder:
         for raw in rb.read():
             try:
                 self.handle(rr.parse_event(raw, self.bits))
-            except (ValueError, struct.error) as e:
-                print(f"bpfilter responder: bad reject event: {e}", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001 - one bad event must not stop the replies
+                print(f"bpfilter responder: reject event skipped: {e!r}", file=sys.stderr)
 
     def handle(self, o: rr.Original) -> None:
         if o.family == 4:
             inbound = None
             if self.sysctl.int("net.ipv4.icmp_errors_use_inbound_ifaddr", 0) and o.in_dev:
                 inbound = _primary4(o.in_dev)
-            reply = rr.reply4(o, default_ttl=self.sysctl.int("net.ipv4.ip_default_ttl", 64),
+            # nf_send_reset: ip4_dst_hoplimit() of the original's route: a forwarded or
+            # outgoing packet's route carries the fib route's metrics (a hoplimit set there
+            # counts); a local delivery's input route carries none (checked on 6.18).
+            ttl = self.sysctl.int("net.ipv4.ip_default_ttl", 64)
+            if o.code == reject.TCP_RESET and o.hook != NfHook.LOCAL_IN and \
+                    len(o.packet) >= rr.IPV4_HEADER:
+                ttl = self.hoplimit4(o.packet[16:20]) or ttl
+            reply = rr.reply4(o, default_ttl=ttl,
                               fwmark_reflect=bool(self.sysctl.int("net.ipv4.fwmark_reflect", 0)),
                               inbound_src=inbound)
         else:
@@ -329,12 +357,11 @@ class Responder:
         lim = self.limits[reply.family]
         scale = 0
         if reply.family == 4:
-            lim.mask = frozenset(t for t in range(32)
-                                 if self.sysctl.int("net.ipv4.icmp_ratemask", 0x1818) >> t & 1)
+            lim.mask = _mask_bits(self.sysctl.int("net.ipv4.icmp_ratemask", 0x1818))
             lim.timeout_ms = self.sysctl.int("net.ipv4.icmp_ratelimit", 1000)
             loopback = reply.dst[0] == 127 or reply.dst in self.local(4)
         else:
-            lim.mask = rr.parse_bitmap(self.sysctl.get("net.ipv6.icmp.ratemask", "0-1,3-127"))
+            lim.mask = _mask_list(self.sysctl.get("net.ipv6.icmp.ratemask", "0-1,3-127"))
             lim.timeout_ms = self.sysctl.int("net.ipv6.icmp.ratelimit", 1000)
             loopback = reply.dst in self.local(6)
             # icmpv6_xrlim_allow: a shorter route prefix shortens the peer timeout.
@@ -344,6 +371,16 @@ class Responder:
         lim.burst = self.sysctl.int("net.ipv4.icmp_msgs_burst", 50)
         return lim.allow(reply.payload[0], reply.dst, time.monotonic(), loopback=loopback,
                          scale=scale)
+
+    def hoplimit4(self, dst: bytes) -> int | None:
+        """The hoplimit metric of the IPv4 route to ``dst`` (None: not set)."""
+        now = time.monotonic()
+        hit = self._hoplimits.get(dst)
+        if hit is None or now - hit[0] >= SYSCTL_TTL:
+            if len(self._hoplimits) > 4096:
+                self._hoplimits.clear()
+            hit = self._hoplimits[dst] = (now, _route_hoplimit(dst))
+        return hit[1]
 
     def prefix_len6(self, dst: bytes) -> int:
         """The prefix length of the main table's IPv6 route to ``dst`` (0: none)."""
@@ -394,7 +431,7 @@ class Responder:
             if now >= next_refresh:
                 next_refresh = now + POLL
                 if self.ns is not None and (not netns_mod.exists(self.ns)
-                                            or netns_mod.inode(self.ns) != self.inode):
+                                            or _inode(self.ns) != self.inode):
                     return  # the namespace is gone (or another took its name)
                 self.refresh()
                 if self.rings:
@@ -412,7 +449,29 @@ class Responder:
                 self.handle_all(rb)
 
 
+@functools.cache
+def _mask_bits(value: int) -> frozenset[int]:
+    """net.ipv4.icmp_ratemask: bit N set limits ICMP type N."""
+    return frozenset(t for t in range(32) if value >> t & 1)
+
+
+@functools.cache
+def _mask_list(text: str) -> frozenset[int]:
+    return rr.parse_bitmap(text)
+
+
 RT_TABLE_MAIN = 254
+
+
+def _route_hoplimit(dst: bytes) -> int | None:
+    """RTAX_HOPLIMIT of the route the kernel picks for ``dst`` (a local address: its local
+    route), or None."""
+    with contextlib.suppress(OSError, IndexError), netns_mod.iproute(None, "route") as ipr:
+        metrics = ipr.route("get", dst=str(ipaddress.IPv4Address(dst)))[0].get_attr(
+            "RTA_METRICS")
+        value = metrics.get_attr("RTAX_HOPLIMIT") if metrics else None
+        return int(value) if value else None
+    return None
 
 
 def _routes6() -> list[tuple[int, int]]:
@@ -467,16 +526,16 @@ def main(ns: str | None) -> int:
         try:
             RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = me.with_suffix(f".{os.getpid()}")
-            tmp.write_text(f"{os.getpid()}\n")
+            tmp.write_text(f"{os.getpid()} {responder.inode}\n")
             tmp.replace(me)  # ready: the sockets are open
             responder.warm_up()
             responder.serve(stop)
         finally:
             responder.close()
-            if running(ns) == os.getpid():
-                with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # Ours unless a responder for a new namespace of this name took it over.
+                if int(me.read_text().split()[0]) == os.getpid():
                     me.unlink()
-                with contextlib.suppress(OSError):
                     if log_path(ns).stat().st_size == 0:
                         log_path(ns).unlink()  # nothing to tell
     return 0

@@ -221,10 +221,29 @@ def compile_ruleset(ruleset: Ruleset, family: int = 4, *, optimize: bool = True,
     """
     if family not in (4, 6):
         raise ValueError(f"family must be 4 or 6, not {family}")
+    reserve = RESERVED_MAPS
     with _no_cyclic_gc():
-        return _compile(ruleset, family,
-                        _Lookups(family, optimize, min_run, min_classifier, max_classifier),
-                        target)
+        while True:
+            lookups = _Lookups(family, optimize, min_run, min_classifier, max_classifier,
+                               reserve=reserve)
+            try:
+                return _compile(ruleset, family, lookups, target)
+            except _TooManyMaps as e:
+                # Matches and targets need more maps than reserved: compile again leaving
+                # the runs fewer (the largest runs keep their lookups).
+                if e.needed <= reserve or e.needed > MAX_USED_MAPS - 2:
+                    raise CompileError(e.line, f"the ruleset needs {e.needed} maps for its "
+                                       "matches and targets (recent lists, hashlimit "
+                                       f"tables, sets...); a program may use at most "
+                                       f"{MAX_USED_MAPS - 2}") from None
+                reserve = e.needed
+
+
+class _TooManyMaps(Exception):
+    def __init__(self, needed: int, line: int) -> None:
+        super().__init__(needed)
+        self.needed = needed
+        self.line = line
 
 
 @contextlib.contextmanager
@@ -290,9 +309,8 @@ def _compile(ruleset: Ruleset, family: int, lookups: _Lookups,
         # is in use; the loader links the live one when there is one.
         fixed += (MapSpec(lookup.CTL_MAP, MapType.ARRAY, 4, 4, 1),)
     res = lookups.res
-    if len(res) > RESERVED_MAPS:
-        raise CompileError(tables[0].line if tables else 0, f"the ruleset needs {len(res)} maps "
-                           f"for its matches and targets; at most {RESERVED_MAPS} are supported")
+    if len(fixed) + len(lookups.specs) + len(res) > MAX_USED_MAPS:
+        raise _TooManyMaps(len(res), tables[0].line if tables else 0)
     return CompiledRuleset(family, tuple(programs), index,
                            (*fixed, *lookups.specs, *res.all_specs()),
                            {**lookups.contents, **res.contents}, tuple(lookups.made))
@@ -320,6 +338,7 @@ class _Lookups:
     contents: dict[str, tuple[tuple[bytes, bytes], ...]] = field(default_factory=dict)
     made: list[tuple[str, str, Run | Classifier, str]] = field(default_factory=list)
     res: Resources = field(default_factory=Resources)  # maps of matches and targets
+    reserve: int = RESERVED_MAPS  # maps kept for ``res`` when choosing runs
 
     def choose(self, tables: Sequence[Table]) -> None:
         """Plan every chain; when the runs need more maps than a program may use, keep the
@@ -330,7 +349,7 @@ class _Lookups:
         planned = [(t.name, c.name, run) for t in tables for c in t.chains
                    for run in plan(c.rules, self.family, self.min_run, self.min_classifier,
                                    self.max_classifier)]
-        budget = MAX_USED_MAPS - 2 - RESERVED_MAPS  # the counters and the switch take two
+        budget = MAX_USED_MAPS - 2 - self.reserve  # the counters and the switch take two
         for t, c, run in sorted(planned, key=lambda x: -len(x[2].rules)):
             # A run's map has two copies (lookup.buffer_names).
             cost = 2 if isinstance(run, Run) else len(lookup.CLASSIFIER_MAPS)
@@ -442,10 +461,11 @@ class _Program:
     rule_labels: list[tuple[str, int]] = field(default_factory=list)
     funcs: list[tuple[str, str, nf.FuncKind]] = field(default_factory=list)
     hook_ok: set[tuple[int, int]] = field(default_factory=set)  # (matches, target) ids checked
+    needs: nf.Needs = field(default_factory=nf.Needs)  # what the prologue gathers
 
     def build(self) -> CompiledProgram:
         chains = self._reachable()
-        needs = _needs(r for c in (self.base, *chains) for r in c.rules)
+        needs = self.needs = _needs(r for c in (self.base, *chains) for r in c.rules)
         base_parts = [f"part:{i}" for i in range(len(self._parts(self.base)))]
         flavor = None if self.target is None else IF_FLAVORS[self.target.hook]
         if flavor is not None:  # refuse by rule line before the prologue looks at the needs
@@ -497,7 +517,7 @@ class _Program:
                                    self.target)
         return CompiledProgram(name, self.table.name, self.base.name, self.hook, pf,
                                PRIORITY[self.table.name], tuple(items), needs,
-                               tuple(self.rule_labels), funcs)
+                               tuple(self.rule_labels), funcs, nf.kfuncs(needs))
 
     def _call_parts(self, labels: list[str], on_return: str) -> None:
         """Call each part in turn: CONTINUE goes on, RETURN jumps to ``on_return``, a verdict
@@ -529,7 +549,8 @@ class _Program:
 
     def _emitter(self, prefix: str) -> Emitter:
         return Emitter(self.family, prefix, f"{prefix}:next", f"{prefix}:hotdrop",
-                       res=self.lookups.res, table=self.table.name, hook=self.hook)
+                       res=self.lookups.res, table=self.table.name, hook=self.hook,
+                       needs=self.needs)
 
     def _check_hook(self, rule: IrRule) -> None:
         """Refuse a match or target the program's hook cannot run (a rule of a user chain is

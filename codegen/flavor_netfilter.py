@@ -63,8 +63,15 @@ IP_LEN = 124  # u32 xt_length's length: IPv4 tot_len, IPv6 payload_len + 40
 PKT_TYPE = 128  # u32 skb->pkt_type (PacketType)
 LOOKUP_BUFFER = 132  # u32 which copy of the runs' double-buffered maps (codegen/lookup) to use
 RT = 136  # IPv6: the first routing header's first 8 bytes (ipv6_rt_hdr + rt0_hdr.reserved)
-RT_OFF = 144  # u32 its offset from the IPv6 header
-RT_STATE = 148  # u32 what ipv6_find_hdr(NEXTHDR_ROUTING) gives: HDR_NONE, HDR_FOUND, HDR_ERROR
+RT_OFF = 144  # u16 its offset from the IPv6 header
+DST_OFF = 146  # u16 the destination options header's offset (Needs.dst)
+# u8 each: what ipv6_find_hdr(TYPE) gives for the routing, fragment, hop-by-hop and
+# destination options headers: HDR_NONE, HDR_FOUND or HDR_ERROR (Needs.routing, .fragment,
+# .hbh, .dst; for the last two HDR_ERROR also when the header is longer than the packet)
+RT_STATE = 148
+FH_STATE = 149
+HBH_STATE = 150
+DST_STATE = 151
 # Conntrack details, filled only when the packet has a conntrack entry (CT_STATE has one of
 # the NEW, ESTABLISHED, RELATED bits), zero otherwise:
 CT_DIR = 152  # u32 1 in the reply direction (ctinfo >= IP_CT_IS_REPLY)
@@ -83,14 +90,28 @@ SKB_ADDR = 264
 TCP_OPT_STATE = 272  # u32 TCP_OPT_NONE, TCP_OPT_OK or TCP_OPT_BAD
 TCP_MSS = 276  # u32 0x10000 | the value of the first well-formed MSS option, else 0
 TCP_KINDS = 280  # 32 bytes: bit k set when the walk visits an option of kind k
+# The same bytes for SCTP packets (a packet is one or the other): the chunks as sctp_mt's
+# match_packet walks them (Needs.sctp_chunks), for a first fragment with a full common
+# header: SCTP_STATE (SCTP_NONE, SCTP_OK, SCTP_BAD: a chunk header cut short or of length 0
+# stopped the walk, where match_packet hot-drops) and SCTP_TYPES, bit t set when a chunk of
+# type t comes before the end (or before the bad chunk). SCTP_CHUNK holds the chunk header
+# being read during the walk.
+SCTP_STATE = TCP_OPT_STATE
+SCTP_CHUNK = TCP_MSS
+SCTP_TYPES = TCP_KINDS
 NET_ADDR = 312  # u64 the hook's struct net (state->net), a plain number (LOG --log-uid)
 # The socket xt_owner looks at (Needs.owner): OWNER_NONE, OWNER_NO_FILE or OWNER_FILE, and
 # with a file the fsuid and fsgid of its credentials.
 OWNER_STATE = 320
 OWNER_UID = 324
 OWNER_GID = 328
+HBH_OFF = 332  # u16 the hop-by-hop header's offset (Needs.hbh)
+# u16 bit k set when the k-th --hbh-opts/--dst-opts list of the program (Needs.ext_opts, in
+# sorted order) matched the packet's options
+OPTS_RESULT = 334
 FH = 336  # IPv6: the first fragment header (struct frag_hdr, 8 bytes) (Needs.fragment)
-FH_STATE = 344  # u32 what ipv6_find_hdr(NEXTHDR_FRAGMENT) gives: HDR_NONE, HDR_FOUND, HDR_ERROR
+HBH_HDR = 344  # IPv6: the hop-by-hop header's struct ipv6_opt_hdr (2 bytes) (Needs.hbh)
+DST_HDR = 346  # the destination options header's (Needs.dst)
 # u32 ip6t_ipv6header's walk (Needs.ipv6header): the MASK_* bits of the headers seen, or
 # IPV6HDR_FALSE / IPV6HDR_HOTDROP when the match gives that whatever its options.
 IPV6HDR = 348
@@ -100,13 +121,18 @@ META_SIZE = 352
 META = -META_SIZE  # R7 = FP + META
 DYNPTR = META - 16  # struct bpf_dynptr (16 bytes, 8-aligned)
 SCRATCH = DYNPTR - 8  # IPv6 extension header bytes; nf_conn.status
-TCP_OPT_RAW = SCRATCH - 48  # the TCP options (at most 40 bytes, then zeros), prologue only
 TCP_OPT_MAX = 40  # 15 * 4 - sizeof(struct tcphdr)
 IPPROTO_TCP = 6
 TCP_OPT_NONE = 0  # no options (doff 5)
 TCP_OPT_OK = 1
 TCP_OPT_BAD = 2  # doff < 5 or the options cut short: tcp_mt and tcpmss_mt hot-drop
 TCPOPT_MSS = 2
+IPPROTO_SCTP = 132
+SCTP_COMMON_HEADER = 12  # struct sctphdr
+SCTP_NONE = 0
+SCTP_OK = 1
+SCTP_BAD = 2
+SCTP_WALK_MAX = 1 << 24  # the walk's turns are bounded by SCTP_WALK_MAX / 4 (skb->len is less)
 OWNER_NONE = 0  # no full socket, no struct socket, or one of another network namespace
 OWNER_NO_FILE = 1  # a struct socket without a file (kernel sockets: RST and ICMP replies)
 OWNER_FILE = 2
@@ -125,8 +151,8 @@ NEXTHDR_NONE = 59
 NEXTHDR_DEST = 60
 IPV6_EXT = (NEXTHDR_HOP, NEXTHDR_ROUTING, NEXTHDR_FRAGMENT, NEXTHDR_AUTH, NEXTHDR_DEST)
 
-# ipv6_find_hdr(skb, &ptr, TYPE, NULL, NULL) as ip6t_rt and ip6t_frag call it, recorded by
-# the prologue's walk (RT_STATE, FH_STATE):
+# ipv6_find_hdr(skb, &ptr, TYPE, NULL, NULL) as ip6t_rt, ip6t_frag and ip6t_hbh call it,
+# recorded by the prologue's walk (RT_STATE, FH_STATE, HBH_STATE, DST_STATE):
 HDR_NONE = 0  # -ENOENT: no such header before the upper-layer one (or a later fragment)
 HDR_FOUND = 1  # found, and the bytes the match reads at once are there
 HDR_ERROR = 2  # -EBADMSG, a short header, or more than IPV6_EXT_MAX headers before it: the
@@ -135,6 +161,7 @@ HDR_ERROR = 2  # -EBADMSG, a short header, or more than IPV6_EXT_MAX headers bef
 # ip6t_ipv6header.h: the header kinds a packet has, as bits.
 MASK_HOPOPTS, MASK_DSTOPTS, MASK_ROUTING, MASK_FRAGMENT = 128, 64, 32, 16
 MASK_AH, MASK_ESP, MASK_NONE, MASK_PROTO = 8, 4, 2, 1
+OPTS_MAX_LISTS = 16  # option lists one program can test (a bit each in OPTS_RESULT)
 IPV6HDR_FALSE = 0x100  # too short for the next extension header: no match
 IPV6HDR_HOTDROP = 0x200  # unreadable (or more than IPV6_EXT_MAX headers): hot drop
 NEXTHDR_ESP = 50
@@ -284,6 +311,10 @@ class Needs:
     routing: bool = False  # IPv6: RT, RT_OFF, RT_STATE
     fragment: bool = False  # IPv6: FH, FH_STATE
     ipv6header: bool = False  # IPv6: IPV6HDR
+    hbh: bool = False  # IPv6: HBH_STATE, HBH_OFF, HBH_HDR
+    dst: bool = False  # IPv6: DST_STATE, DST_OFF, DST_HDR
+    # (NEXTHDR_HOP or NEXTHDR_DEST, option list as ip6t_opts.opts) tested: OPTS_RESULT
+    ext_opts: frozenset[tuple[int, tuple[int, ...]]] = frozenset()
 
     ct_dir: bool = False  # CT_DIR (with conntrack)
     ct_status: bool = False  # CT_STATUS
@@ -293,11 +324,13 @@ class Needs:
     mac: bool = False  # MAC_SRC, MAC_OK
     tcp_options: bool = False  # TCP_OPT_STATE, TCP_MSS, TCP_KINDS
     owner: bool = False  # OWNER_STATE, OWNER_UID, OWNER_GID
+    sctp_chunks: bool = False  # SCTP_STATE, SCTP_TYPES
     skb: bool = False  # SKB_ADDR
     hook_net: bool = False  # NET_ADDR
 
     def __or__(self, other: Needs) -> Needs:
-        return Needs(**{f.name: getattr(self, f.name) or getattr(other, f.name)
+        # `|`: or for the flags, union for the sets
+        return Needs(**{f.name: getattr(self, f.name) | getattr(other, f.name)
                         for f in fields(Needs)})
 
 
@@ -543,14 +576,86 @@ class _Recorded:
 
     nexthdr: int
     data: int  # meta offset of its first bytes
-    state: int  # meta offset of its HDR_* state
+    state: int  # meta offset of its HDR_* state (u8)
     need: int  # bytes that must be there (else the match hot-drops)
     more: int = 0  # bytes after those, copied when present
-    offset: int | None = None  # meta offset of its offset from the IPv6 header
+    offset: int | None = None  # meta offset of its offset from the IPv6 header (u16)
 
 
 _ROUTING = _Recorded(NEXTHDR_ROUTING, RT, RT_STATE, 4, 4, RT_OFF)  # ipv6_rt_hdr, reserved
 _FRAGMENT = _Recorded(NEXTHDR_FRAGMENT, FH, FH_STATE, 8)  # struct frag_hdr
+_HOP_OPTS = _Recorded(NEXTHDR_HOP, HBH_HDR, HBH_STATE, 2, 0, HBH_OFF)  # struct ipv6_opt_hdr
+_DEST_OPTS = _Recorded(NEXTHDR_DEST, DST_HDR, DST_STATE, 2, 0, DST_OFF)
+OPT_HEADERS = {NEXTHDR_HOP: _HOP_OPTS, NEXTHDR_DEST: _DEST_OPTS}
+
+
+def ext_opts_index(needs: Needs, kind: int, opts: tuple[int, ...]) -> int:
+    """The bit of OPTS_RESULT that says whether option list ``opts`` matched."""
+    return sorted(needs.ext_opts).index((kind, opts))
+
+
+def _opt_headers(needs: Needs) -> list[Item]:
+    """hbh_mt6 past ipv6_find_hdr: a header shorter than its length field hot-drops (checked
+    against ip6tables-legacy on Linux 6.18); then each option list of the program, walked as
+    hbh_mt6 does: an option type or length byte missing, or an option (but the last) running
+    past the header or the packet, ends the walk early and the list does not match. R8 =
+    bytes of the header left, R9 = ptr, R3 = optlen."""
+    out: list[Item] = []
+    for kind, h, wanted in ((NEXTHDR_HOP, _HOP_OPTS, needs.hbh),
+                            (NEXTHDR_DEST, _DEST_OPTS, needs.dst)):
+        if not wanted:
+            continue
+        ok = f"prologue:opts{kind}:len"
+        out += [
+            asm.ldx(Size.B, R1, R7, h.state), asm.jmp("jne", R1, HDR_FOUND, ok),
+            asm.ldx(Size.W, R1, R7, SKB_LEN), asm.ldx(Size.H, R2, R7, h.offset or 0),
+            asm.sub64(R1, R2),
+            asm.ldx(Size.B, R2, R7, h.data + 1), asm.add64(R2, 1), asm.lsh64(R2, 3),
+            asm.jmp("jge", R1, R2, ok),
+            asm.st(Size.B, R7, h.state, HDR_ERROR),
+            Label(ok),
+        ]
+    lists = sorted(needs.ext_opts)
+    if len(lists) > OPTS_MAX_LISTS:
+        raise ValueError(f"a program tests at most {OPTS_MAX_LISTS} --hbh-opts/--dst-opts "
+                         f"lists, not {len(lists)}")
+    for k, (kind, opts) in enumerate(lists):
+        h = OPT_HEADERS[kind]
+        base = f"prologue:optlist{k}"
+        false, done = f"{base}:false", f"{base}:done"
+        out += [
+            asm.ldx(Size.B, R1, R7, h.state), asm.jmp("jne", R1, HDR_FOUND, done),
+            asm.ldx(Size.H, R9, R7, h.offset or 0), asm.add64(R9, 2),
+            asm.ldx(Size.B, R8, R7, h.data + 1), asm.add64(R8, 1), asm.lsh64(R8, 3),
+            asm.sub64(R8, 2),
+        ]
+        for t, spec in enumerate(opts):
+            opt_type, spec_len = spec >> 8, spec & 0xFF
+            out += [
+                asm.jmp("jlt", R8, 1, false, comment=f"option {t}: no type byte: no match"),
+                *_read_scratch(1, 0), asm.jmp("jne", R0, 0, false),
+                asm.ldx(Size.B, R1, FP, SCRATCH), asm.jmp("jne", R1, opt_type, false),
+            ]
+            if opt_type:
+                out += [asm.jmp("jlt", R8, 2, false), *_read_scratch(1, 1),
+                        asm.jmp("jne", R0, 0, false), asm.ldx(Size.B, R3, FP, SCRATCH + 1)]
+                if spec_len != 0xFF:
+                    out.append(asm.jmp("jne", R3, spec_len, false))
+                out.append(asm.add64(R3, 2))
+            else:
+                out.append(asm.mov64(R3, 1, comment="Pad1"))
+            if t < len(opts) - 1:
+                # ptr > skb->len - optlen (unsigned int) || hdrlen < optlen: stop, no match
+                out += [asm.ldx(Size.W, R4, R7, SKB_LEN), asm.alu32("sub", R4, R3),
+                        asm.jmp32("jgt", R9, R4, false), asm.jmp("jlt", R8, R3, false),
+                        asm.add64(R9, R3), asm.sub64(R8, R3)]
+        out += [
+            asm.ldx(Size.H, R1, R7, OPTS_RESULT), asm.or64(R1, 1 << k),
+            asm.stx(Size.H, R7, OPTS_RESULT, R1),
+            Label(false),
+            Label(done),
+        ]
+    return out
 
 
 def _record_header(ext: str, h: _Recorded) -> list[Item]:
@@ -559,20 +664,20 @@ def _record_header(ext: str, h: _Recorded) -> list[Item]:
     done, state = f"{ext}:{h.nexthdr}:done", f"{ext}:{h.nexthdr}:state"
     out: list[Item] = [
         asm.jmp("jne", R8, h.nexthdr, done),
-        asm.ldx(Size.W, R1, R7, h.state),
+        asm.ldx(Size.B, R1, R7, h.state),
         asm.jmp("jne", R1, HDR_NONE, done),
         *_read(h.data, h.need, R9),
         asm.mov64(R1, HDR_ERROR),
         asm.jmp("jne", R0, 0, state),
     ]
     if h.offset is not None:
-        out.append(asm.stx(Size.W, R7, h.offset, R9))
+        out.append(asm.stx(Size.H, R7, h.offset, R9))
     if h.more:
         # Unreadable only when the header is cut short, which the match checks first
         # (ip6t_rt: skb->len - ptr < hdrlen), so a failed read is never looked at.
         out += _dynptr_read(R7, h.data + h.need, h.more,
                             [asm.mov64(R4, R9), asm.add64(R4, h.need)])
-    return [*out, asm.mov64(R1, HDR_FOUND), Label(state), asm.stx(Size.W, R7, h.state, R1),
+    return [*out, asm.mov64(R1, HDR_FOUND), Label(state), asm.stx(Size.B, R7, h.state, R1),
             Label(done)]
 
 
@@ -643,7 +748,8 @@ def _ipv6_facts(needs: Needs | None = None) -> list[Item]:
     # headers ``needs`` asks for (ipv6_find_hdr with their type takes the same steps up to
     # them; after a later fragment it answers -ENOENT, not an error).
     recorded = [] if needs is None else [
-        h for h, wanted in ((_ROUTING, needs.routing), (_FRAGMENT, needs.fragment)) if wanted]
+        h for h, wanted in ((_ROUTING, needs.routing), (_FRAGMENT, needs.fragment),
+                            (_HOP_OPTS, needs.hbh), (_DEST_OPTS, needs.dst)) if wanted]
     out: list[Item] = [
         *_read(L3, IPV6_HEADER, 0),
         asm.jmp("jne", R0, 0, "prologue:unreadable"),
@@ -706,9 +812,9 @@ def _ipv6_facts(needs: Needs | None = None) -> list[Item]:
         # An error before the header is one for ipv6_find_hdr(its type) too.
         skip = f"prologue:walk_error:{h.nexthdr}"
         out += [
-            asm.ldx(Size.W, R1, R7, h.state),
+            asm.ldx(Size.B, R1, R7, h.state),
             asm.jmp("jne", R1, HDR_NONE, skip),
-            asm.st(Size.W, R7, h.state, HDR_ERROR),
+            asm.st(Size.B, R7, h.state, HDR_ERROR),
             Label(skip),
         ]
     if recorded:
@@ -793,16 +899,93 @@ def prologue(family: int, needs: Needs) -> list[Item]:
     ]
     if needs.tcp_options:
         out += _tcp_options()
+    if needs.sctp_chunks:
+        out += _sctp_chunks()
+    if family == 6 and (needs.hbh or needs.dst):
+        out += _opt_headers(needs)
     return out
+
+
+ITER_KFUNCS = ("bpf_iter_num_new", "bpf_iter_num_next", "bpf_iter_num_destroy")
+
+
+def kfuncs(needs: Needs) -> tuple[str, ...]:
+    """The kfuncs a netfilter program with these needs calls."""
+    return ("bpf_dynptr_from_skb", *(ITER_KFUNCS if needs.sctp_chunks else ()))
+
+
+def _iter(kfunc: str, *args: Item) -> list[Item]:
+    """A bpf_iter_num call on the iterator in SCRATCH."""
+    return [asm.mov64(R1, FP), asm.add64(R1, SCRATCH), *args, asm.call_kfunc(kfunc)]
+
+
+def _sctp_chunks() -> list[Item]:
+    """match_packet's walk: from thoff + 12, read each 4-byte chunk header (type, flags,
+    length), stop on a missing header or a zero length, go on by the length rounded up to 4
+    while the offset is below skb->len. The chunk count has no small bound, so the loop is a
+    bpf_iter_num (at most one turn per 4 bytes up to SCTP_WALK_MAX), which the verifier checks
+    once. R9 = thoff, R8 the offset."""
+    done, bad, loop, end = ("prologue:sctp:" + n for n in ("done", "bad", "loop", "end"))
+    return [
+        asm.ldx(Size.W, R1, R7, PROTO),
+        asm.jmp("jne", R1, IPPROTO_SCTP, done),
+        asm.ldx(Size.W, R1, R7, FRAG),
+        asm.jmp("jne", R1, 0, done),
+        asm.ldx(Size.W, R1, R7, L4_LEN),
+        asm.jmp("jlt", R1, SCTP_COMMON_HEADER, done),
+        asm.st(Size.W, R7, SCTP_STATE, SCTP_OK),
+        asm.mov64(R8, R9),
+        asm.add64(R8, SCTP_COMMON_HEADER),
+        *_iter("bpf_iter_num_new", asm.mov64(R2, 0), asm.mov64(R3, SCTP_WALK_MAX // 4)),
+        Label(loop),
+        *_iter("bpf_iter_num_next"),
+        asm.jmp("jeq", R0, 0, end),
+        *_read(SCTP_CHUNK, 4, R8),
+        asm.jmp("jne", R0, 0, bad),
+        asm.ldx(Size.H, R2, R7, SCTP_CHUNK + 2),
+        asm.to_be(R2, 16),
+        asm.jmp("jeq", R2, 0, bad),
+        asm.ldx(Size.B, R1, R7, SCTP_CHUNK, comment="chunk type"),
+        asm.mov64(R5, R1),
+        asm.rsh64(R5, 3),
+        asm.add64(R5, R7),
+        asm.and64(R1, 7),
+        asm.mov64(R0, 1),
+        asm.lsh64(R0, R1),
+        asm.ldx(Size.B, R1, R5, SCTP_TYPES),
+        asm.or64(R1, R0),
+        asm.stx(Size.B, R5, SCTP_TYPES, R1),
+        asm.add64(R2, 3, comment="SCTP_PAD4(length)"),
+        asm.and64(R2, ~3),
+        asm.add64(R8, R2),
+        asm.ldx(Size.W, R1, R7, SKB_LEN),
+        asm.jmp("jlt", R8, R1, loop),
+        asm.ja(end),
+        Label(bad),
+        asm.st(Size.W, R7, SCTP_STATE, SCTP_BAD),
+        Label(end),
+        *_iter("bpf_iter_num_destroy"),
+        asm.st(Size.DW, FP, SCRATCH, 0),
+        asm.st(Size.W, R7, SCTP_CHUNK, 0),
+        Label(done),
+    ]
 
 
 def _tcp_options() -> list[Item]:
     """Walk the TCP options once as tcp_find_option and tcpmss_mt do: kinds 0 and 1 take one
-    byte, others their length byte (a zero length counts as one). R9 = thoff."""
+    byte, others their length byte (a zero length counts as one). The options are read a
+    byte or two at a time into SCRATCH (the index i lives at SCRATCH + 4): a copy of all 40
+    bytes would cost the stack room the call frames need. R9 = thoff, R8 = optlen."""
     done, bad, loop, step, one = ("prologue:tcpopt:" + n for n in
                                   ("done", "bad", "loop", "step", "one"))
+
+    def read(at: int, size: int) -> list[Item]:
+        """SCRATCH[at:] = ``size`` option bytes from index i + at."""
+        return _dynptr_read(FP, SCRATCH + max(at, 0), size, [
+            asm.ldx(Size.W, R4, FP, SCRATCH + 4), asm.add64(R4, R9),
+            asm.add64(R4, L4_BYTES + at)])
+
     return [
-        *[asm.st(Size.DW, FP, TCP_OPT_RAW + off, 0) for off in range(0, 48, 8)],
         asm.ldx(Size.W, R1, R7, PROTO),
         asm.jmp("jne", R1, IPPROTO_TCP, done),
         asm.ldx(Size.W, R1, R7, L4_LEN),
@@ -814,15 +997,18 @@ def _tcp_options() -> list[Item]:
         asm.sub64(R2, L4_BYTES, comment="optlen"),
         asm.jmp("jeq", R2, 0, done),
         asm.mov64(R8, R2),
-        *_dynptr_read(FP, TCP_OPT_RAW, R2, [asm.mov64(R4, R9), asm.add64(R4, L4_BYTES)]),
+        # skb_header_pointer(optlen bytes) fails exactly when the last of them is missing
+        asm.stx(Size.W, FP, SCRATCH + 4, R8),
+        *read(-1, 1),
         asm.jmp("jne", R0, 0, bad),
         asm.st(Size.W, R7, TCP_OPT_STATE, TCP_OPT_OK),
-        asm.mov64(R3, 0, comment="i"),
+        asm.st(Size.W, FP, SCRATCH + 4, 0),
         Label(loop),
+        asm.ldx(Size.W, R3, FP, SCRATCH + 4, comment="i"),
         asm.jmp("jge", R3, R8, done),
-        asm.mov64(R4, FP),
-        asm.add64(R4, R3),
-        asm.ldx(Size.B, R1, R4, TCP_OPT_RAW, comment="op[i]"),
+        asm.jmp("jge", R3, TCP_OPT_MAX, done),
+        *read(0, 1),
+        asm.ldx(Size.B, R1, FP, SCRATCH, comment="op[i]"),
         asm.mov64(R5, R1),
         asm.rsh64(R5, 3),
         asm.add64(R5, R7),
@@ -833,35 +1019,45 @@ def _tcp_options() -> list[Item]:
         asm.ldx(Size.B, R2, R5, TCP_KINDS),
         asm.or64(R2, R0),
         asm.stx(Size.B, R5, TCP_KINDS, R2),
+        asm.jmp("jlt", R1, 2, one),
+        # op[i + 1] lies past the options only for i = optlen - 1, where any value ends the
+        # walk (the kernel reads a byte of its copy's tail there)
+        asm.ldx(Size.W, R3, FP, SCRATCH + 4),
+        asm.add64(R3, 1),
+        asm.jmp("jge", R3, R8, done),
+        *read(1, 1),
+        asm.ldx(Size.B, R1, FP, SCRATCH),
+        asm.ldx(Size.B, R2, FP, SCRATCH + 1, comment="op[i + 1]"),
+        asm.ldx(Size.W, R3, FP, SCRATCH + 4),
         # tcpmss_mt takes the first MSS option with length 4 and 4 bytes left
         asm.jmp("jne", R1, TCPOPT_MSS, step),
-        asm.ldx(Size.W, R2, R7, TCP_MSS),
-        asm.jmp("jne", R2, 0, step),
-        asm.mov64(R2, R8),
-        asm.sub64(R2, R3),
-        asm.jmp("jlt", R2, TCPOLEN_MSS, step),
-        asm.ldx(Size.B, R2, R4, TCP_OPT_RAW + 1),
+        asm.ldx(Size.W, R0, R7, TCP_MSS),
+        asm.jmp("jne", R0, 0, step),
+        asm.mov64(R4, R8),
+        asm.sub64(R4, R3),
+        asm.jmp("jlt", R4, TCPOLEN_MSS, step),
         asm.jmp("jne", R2, TCPOLEN_MSS, step),
-        asm.ldx(Size.B, R2, R4, TCP_OPT_RAW + 2, comment="byte loads: i may be odd"),
-        asm.lsh64(R2, 8),
-        asm.ldx(Size.B, R0, R4, TCP_OPT_RAW + 3),
-        asm.or64(R2, R0),
+        *read(2, 2),
+        asm.ldx(Size.H, R2, FP, SCRATCH + 2),
+        asm.to_be(R2, 16),
         asm.or64(R2, 0x10000),
         asm.stx(Size.W, R7, TCP_MSS, R2),
+        asm.ldx(Size.B, R2, FP, SCRATCH + 1),
+        asm.ldx(Size.W, R3, FP, SCRATCH + 4),
         Label(step),
-        asm.jmp("jlt", R1, 2, one),
-        asm.ldx(Size.B, R2, R4, TCP_OPT_RAW + 1, comment="op[i + 1]"),
         asm.jmp("jeq", R2, 0, one),
         asm.add64(R3, R2),
-        asm.jmp("jlt", R3, TCP_OPT_MAX, loop),
-        asm.ja(done),
+        asm.stx(Size.W, FP, SCRATCH + 4, R3),
+        asm.ja(loop),
         Label(one),
+        asm.ldx(Size.W, R3, FP, SCRATCH + 4),
         asm.add64(R3, 1),
-        asm.jmp("jlt", R3, TCP_OPT_MAX, loop),
-        asm.ja(done),
+        asm.stx(Size.W, FP, SCRATCH + 4, R3),
+        asm.ja(loop),
         Label(bad),
         asm.st(Size.W, R7, TCP_OPT_STATE, TCP_OPT_BAD),
         Label(done),
+        asm.st(Size.DW, FP, SCRATCH, 0),
     ]
 
 

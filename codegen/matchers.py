@@ -20,7 +20,7 @@ from bpfilter.codegen.insn import FP, R0, R1, R2, R7, Reg
 from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import IFNAMSIZ, Hook, IfHook, MapType, NfHook, PacketType
-from bpfilter.ir.matches import MATCHES
+from bpfilter.ir.matches import MATCHES, SCTP_CHUNKS
 from bpfilter.ir.model import Match, Option, PortRange, Prefix, Rule
 
 ALL_HOOKS = frozenset(NfHook)
@@ -109,6 +109,7 @@ class Emitter:
     table: str = "filter"
     hook: Hook | None = None
     _states: dict[str, int] = field(default_factory=dict)
+    needs: nf.Needs = field(default_factory=nf.Needs)  # what the program's prologue gathers
 
     def label(self, what: str) -> str:
         self._count += 1
@@ -596,9 +597,9 @@ def emit_rt(em: Emitter, rule: Rule, m: Match | None) -> None:
     # ipv6_optlen == --rt-len, type == --rt-type (each ^ its `!`), and --rt-0-res: the reserved
     # word is zero (readable: the length check above covers it).
     assert m is not None
-    em.emit(asm.ldx(Size.W, R1, R7, nf.RT_STATE), asm.jmp("jeq", R1, nf.HDR_NONE, em.fail),
+    em.emit(asm.ldx(Size.B, R1, R7, nf.RT_STATE), asm.jmp("jeq", R1, nf.HDR_NONE, em.fail),
             asm.jmp("jne", R1, nf.HDR_FOUND, em.hot()))
-    em.emit(asm.ldx(Size.W, R1, R7, nf.SKB_LEN), asm.ldx(Size.W, R2, R7, nf.RT_OFF),
+    em.emit(asm.ldx(Size.W, R1, R7, nf.SKB_LEN), asm.ldx(Size.H, R2, R7, nf.RT_OFF),
             asm.sub64(R1, R2),
             asm.ldx(Size.B, R2, R7, nf.RT + RT_HDRLEN), asm.add64(R2, 1), asm.lsh64(R2, 3),
             asm.jmp("jlt", R1, R2, em.hot()))
@@ -656,7 +657,7 @@ def emit_frag(em: Emitter, rule: Rule, m: Match | None) -> None:
     # MF set, --fraglast MF clear. --fraglen is parsed and saved but never tested by the
     # kernel, so it has no code here either.
     assert m is not None
-    em.emit(asm.ldx(Size.W, R1, R7, nf.FH_STATE), asm.jmp("jeq", R1, nf.HDR_NONE, em.fail),
+    em.emit(asm.ldx(Size.B, R1, R7, nf.FH_STATE), asm.jmp("jeq", R1, nf.HDR_NONE, em.fail),
             asm.jmp("jne", R1, nf.HDR_FOUND, em.hot()))
     o = m.get("--fragid")
     if o is not None:
@@ -788,6 +789,49 @@ def emit_quota(em: Emitter, rule: Rule, m: Match | None) -> None:
 
 
 QUOTA_KEY = -8  # the slot number, on the stack of the function running the rule
+
+
+OPT_MATCHES = {"hbh": nf.NEXTHDR_HOP, "dst": nf.NEXTHDR_DEST}
+
+
+def _opt_list(m: Match) -> tuple[int, tuple[int, ...]] | None:
+    """(header type, the list as ip6t_opts.opts: type << 8 | length, 0xFF for any length)."""
+    o = m.get(f"--{m.kind}-opts")
+    if o is None:
+        return None
+    return OPT_MATCHES[m.kind], tuple(t << 8 | (0xFF if n is None else n) for t, n in o.value)
+
+
+def emit_opts(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # hbh_mt6 (`-m hbh` and `-m dst`) on what the prologue gathered: no such header: no match;
+    # unreadable or shorter than its length field: hot drop. Then --hbh-len == ipv6_optlen
+    # (^ its `!`) and the option list's result (walked in the prologue).
+    assert m is not None
+    h = nf.OPT_HEADERS[OPT_MATCHES[m.kind]]
+    em.emit(asm.ldx(Size.B, R1, R7, h.state), asm.jmp("jeq", R1, nf.HDR_NONE, em.fail),
+            asm.jmp("jne", R1, nf.HDR_FOUND, em.hot()))
+    opts = _opt_list(m)
+    if opts is not None:
+        k = nf.ext_opts_index(em.needs, *opts)
+        em.emit(asm.ldx(Size.H, R1, R7, nf.OPTS_RESULT), asm.rsh64(R1, k),
+                asm.and64(R1, 1), asm.jmp("jeq", R1, 0, em.fail))
+    o = m.get(f"--{m.kind}-len")
+    if o is not None:
+        length = int(o.value)
+
+        def hdrlen(on_false: str) -> None:
+            if length > RT_MAX_LEN:
+                em.emit(asm.ja(on_false))
+                return
+            em.emit(asm.ldx(Size.B, R1, R7, h.data + 1), asm.add64(R1, 1),
+                    asm.lsh64(R1, 3), asm.jmp("jne", R1, length, on_false))
+
+        negatable(em, o.negated, hdrlen)
+
+
+def _opts_needs(m: Match) -> nf.Needs:
+    opts = _opt_list(m)
+    return nf.Needs() if opts is None else nf.Needs(ext_opts=frozenset({opts}))
 
 
 def emit_nothing(em: Emitter, rule: Rule, m: Match | None) -> None:
@@ -983,12 +1027,80 @@ def emit_mac(em: Emitter, rule: Rule, m: Match | None) -> None:
 SCTP_HEADER = 12  # sizeof(struct sctphdr): sctp_mt hot-drops a shorter one
 
 
+def sctp_chunk_set(chunks: str) -> set[int]:
+    """The chunk types of a --chunk-types list (libxt_sctp: ALL sets every bit, NONE none)."""
+    if chunks == "ALL":
+        return set(range(256))
+    if chunks == "NONE":
+        return set()
+    return {SCTP_CHUNKS[name] for name in chunks.split(",")}
+
+
+def _chunk_bytes(types: set[int]) -> list[int]:
+    return [sum(1 << b for b in range(8) if 8 * j + b in types) for j in range(32)]
+
+
+def _sctp_chunks(em: Emitter, how: str, types: set[int]) -> None:
+    # match_packet, from the types seen before the walk ended (SCTP_TYPES) and whether it
+    # ended on a bad chunk header (SCTP_BAD: hot drop, unless "any" met a listed type or
+    # "only" an unlisted one first, which answer before reaching it).
+    wanted = _chunk_bytes(types)
+    hit = em.label("chunk_hit")
+
+    def hot_if_bad() -> None:
+        load_u32(em, R1, nf.SCTP_STATE)
+        em.emit(asm.jmp("jeq", R1, nf.SCTP_BAD, em.hot()))
+
+    def any_of(masks: list[int], target: str) -> None:
+        for j, mask in enumerate(masks):
+            if mask:
+                em.emit(asm.ldx(Size.B, R1, R7, nf.SCTP_TYPES + j), asm.and64(R1, mask),
+                        asm.jmp("jne", R1, 0, target))
+
+    if how == "any":
+        any_of(wanted, hit)
+        hot_if_bad()
+        em.emit(asm.ja(em.fail))
+    elif how == "only":
+        any_of([~w & 0xFF for w in wanted], em.fail)
+        hot_if_bad()
+    else:
+        hot_if_bad()
+        for j, mask in enumerate(wanted):
+            if mask:
+                em.emit(asm.ldx(Size.B, R1, R7, nf.SCTP_TYPES + j), asm.and64(R1, mask),
+                        asm.jmp("jne", R1, mask, em.fail))
+    em.emit(Label(hit))
+
+
 def emit_sctp(em: Emitter, rule: Rule, m: Match | None) -> None:
-    # sctp_mt: a later fragment misses, a truncated common header hot-drops, then the ports.
+    # sctp_mt: a later fragment misses, a truncated common header hot-drops, then the ports
+    # and the chunk types.
     assert m is not None
     not_fragment(em)
     need_l4(em, SCTP_HEADER)
     _ports(em, m)
+    o = m.get("--chunk-types")
+    if o is not None:
+        how, chunks = o.value
+        _sctp_chunks(em, how, sctp_chunk_set(chunks))
+
+
+def _check_sctp(m: Match) -> str | None:
+    o = m.get("--chunk-types")
+    if o is None:
+        return None
+    if o.negated:
+        return ("match 'sctp' option '! --chunk-types' is not supported: when the chunk walk "
+                "hot-drops, iptables still counts the rule (the negation holds), bpfilter "
+                "cannot")
+    if ":" in o.value[1]:
+        return "match 'sctp' option '--chunk-types' with chunk flags is not supported"
+    return None
+
+
+def _sctp_needs(m: Match) -> nf.Needs:
+    return nf.Needs(sctp_chunks=m.get("--chunk-types") is not None)
 
 
 OWNER_IDS = {"--uid-owner": nf.OWNER_UID, "--gid-owner": nf.OWNER_GID}
@@ -1021,6 +1133,64 @@ def emit_owner(em: Emitter, rule: Rule, m: Match | None) -> None:
 
         negatable(em, o.negated, test)
     em.emit(Label(done))
+
+
+ECN_IP_MASK = 3  # XT_ECN_IP_MASK: the ECN field of the TOS byte / traffic class
+TCP_ECE, TCP_CWR = 0x40, 0x80  # in the TCP flags byte
+
+
+def emit_ecn(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # ecn_mt4 / ecn_mt6: the IP ECN field, then ECE and CWR of the TCP header at thoff, read
+    # without a fragment test; a transport header shorter than a TCP header is a miss
+    # whatever the negations (match_tcp returns false).
+    assert m is not None
+    ect = m.get("--ecn-ip-ect")
+    if ect is not None:
+        value = int(ect.value)
+
+        def test(on_false: str) -> None:
+            load_dsfield(em, R1)
+            em.emit(asm.and64(R1, ECN_IP_MASK), asm.jmp("jne", R1, value, on_false))
+
+        negatable(em, ect.negated, test)
+    bits = [(o, bit) for o, bit in ((m.get("--ecn-tcp-ece"), TCP_ECE),
+                                    (m.get("--ecn-tcp-cwr"), TCP_CWR)) if o is not None]
+    if not bits:
+        return
+    load_u32(em, R1, nf.L4_LEN)
+    em.emit(asm.jmp("jlt", R1, TCP_HEADER, em.fail))
+    for o, bit in bits:
+        em.emit(asm.ldx(Size.B, R1, R7, nf.L4 + TCP_FLAGS_OFFSET), asm.and64(R1, bit),
+                asm.jmp("jne" if o.negated else "jeq", R1, 0, em.fail))
+
+
+DCCP_HEADER = 12  # sizeof(struct dccp_hdr): dccp_mt hot-drops a shorter one
+DCCP_TYPE_OFFSET = 8  # the byte holding dccph_x (bit 0) and dccph_type (bits 1-4)
+DCCP_PKT_INVALID = 10  # every type from 10 up matches --dccp-types INVALID
+
+
+def emit_dccp(em: Emitter, rule: Rule, m: Match | None) -> None:
+    # dccp_mt: a later fragment misses, a truncated header hot-drops, then the ports and the
+    # packet type, typemask & (1 << type) with types 10-15 counted as INVALID (verified on
+    # Linux 6.18 against iptables-legacy: tests/e2e/test_extensions_oracle.py).
+    assert m is not None
+    not_fragment(em)
+    need_l4(em, DCCP_HEADER)
+    _ports(em, m)
+    o = m.get("--dccp-types")
+    if o is None:
+        return
+    mask = int(o.value)
+
+    def test(on_false: str) -> None:
+        known = em.label("dccp_type")
+        em.emit(asm.ldx(Size.B, R1, R7, nf.L4 + DCCP_TYPE_OFFSET), asm.rsh64(R1, 1),
+                asm.and64(R1, 0xF), asm.jmp("jle", R1, DCCP_PKT_INVALID, known),
+                asm.mov64(R1, DCCP_PKT_INVALID), Label(known),
+                asm.mov64(R2, mask), asm.rsh64(R2, R1),
+                asm.and64(R2, 1), asm.jmp("jeq", R2, 0, on_false))
+
+    negatable(em, o.negated, test)
 
 
 def _refuse_option(name: str, reason: str) -> Callable[[Match], str | None]:
@@ -1095,8 +1265,7 @@ MATCHERS: dict[str, Matcher] = {
              IfHook.TC_INGRESS}), needs=nf.Needs(mac=True)),
         Matcher("sctp", emit_sctp, frozenset({"--sport", "--dport", "--chunk-types"}),
                 hooks=PACKET_HOOKS,
-                check=_refuse_option("--chunk-types", "sctp_mt walks every chunk of the "
-                                     "packet, which a BPF program cannot bound")),
+                check=_check_sctp, extra_needs=_sctp_needs),
         Matcher("owner", emit_owner, frozenset({"--uid-owner", "--gid-owner",
                                                 "--socket-exists", "--suppl-groups"}),
                 hooks=frozenset({NfHook.LOCAL_OUT, NfHook.POST_ROUTING}),
@@ -1127,6 +1296,10 @@ MATCHERS: dict[str, Matcher] = {
         Matcher("frag", emit_frag, frozenset({"--fragid", "--fraglen", "--fragres",
                                               "--fragfirst", "--fragmore", "--fraglast"}),
                 hooks=PACKET_HOOKS, families=frozenset({6}), needs=nf.Needs(fragment=True)),
+        Matcher("hbh", emit_opts, frozenset({"--hbh-len", "--hbh-opts"}),
+                families=frozenset({6}), needs=nf.Needs(hbh=True), extra_needs=_opts_needs),
+        Matcher("dst", emit_opts, frozenset({"--dst-len", "--dst-opts"}),
+                families=frozenset({6}), needs=nf.Needs(dst=True), extra_needs=_opts_needs),
         Matcher("ipv6header", emit_ipv6header, frozenset({"--header", "--soft"}),
                 hooks=PACKET_HOOKS, families=frozenset({6}), needs=nf.Needs(ipv6header=True)),
         Matcher("esp", emit_esp, frozenset({"--espspi"}), hooks=PACKET_HOOKS),
@@ -1142,6 +1315,43 @@ MATCHERS: dict[str, Matcher] = {
                  "identifier, which bpfilter does not compile yet"),
         # bpfilter's own sets (codegen/sets, `bpfilter set`): pinned maps opened at load.
         Matcher("set", sets.emit_set, frozenset({"--match-set"}), hooks=PACKET_HOOKS),
+        Matcher("ecn", emit_ecn, frozenset({"--ecn-ip-ect", "--ecn-tcp-ece", "--ecn-tcp-cwr"}),
+                hooks=PACKET_HOOKS),
+        Matcher("dccp", emit_dccp, frozenset({"--sport", "--dport", "--dccp-types",
+                                              "--dccp-option"}),
+                hooks=PACKET_HOOKS,
+                check=_refuse_option("--dccp-option", "dccp_mt walks the packet's DCCP "
+                                     "options, up to 1,020 bytes, which bpfilter does not "
+                                     "compile")),
+        _refused("time", "it reads the wall clock and, with --kerneltz, the kernel's time "
+                 "zone, which bpfilter does not compile yet"),
+        _refused("string", "it runs a text search (Boyer-Moore or KMP) over the whole packet, "
+                 "which a BPF program cannot bound"),
+        _refused("u32", "its tests read packet words at computed offsets (`@`), which "
+                 "bpfilter does not compile yet"),
+        _refused("devgroup", "it reads the devices' group (net_device.group), which bpfilter "
+                 "does not compile yet"),
+        _refused("realm", "it reads the route's realm (dst.tclassid), which netfilter BPF "
+                 "programs cannot reach"),
+        _refused("connbytes", "it reads the conntrack accounting extension (nf_conn_acct), "
+                 "which bpfilter does not compile yet"),
+        _refused("nfacct", "it updates a named nfacct accounting object, which BPF programs "
+                 "cannot reach"),
+        _refused("physdev", "it reads the bridge ports of the packet (nf_bridge_info), which "
+                 "bpfilter does not compile yet"),
+        _refused("policy", "it walks the packet's IPsec state (sec_path, the route's xfrm "
+                 "bundle), which BPF programs cannot reach"),
+        _refused("socket", "it looks up the packet's socket (nf_sk_lookup_slow), which "
+                 "netfilter BPF programs cannot call"),
+        _refused("cgroup", "it reads the cgroup of the packet's socket, which bpfilter does "
+                 "not compile yet"),
+        _refused("connlabel", "it reads (and with --set writes) the conntrack labels "
+                 "extension, which bpfilter does not compile yet"),
+        _refused("osf", "it matches TCP SYN options against the nfnetlink_osf fingerprint "
+                 "database, which BPF programs cannot reach"),
+        _refused("srh", "it walks the IPv6 segment routing header and its segment list, "
+                 "which bpfilter does not compile yet"),
+        _refused("ipcomp", "bpfilter does not compile the IPComp header test yet"),
     )
 }
 

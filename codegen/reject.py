@@ -37,7 +37,7 @@ from bpfilter.ir.model import Rule, Target
 
 RING = "reject_events"  # the ring buffer map (one per compiled ruleset)
 DROPS = "reject_drops"  # per-CPU u64 count of events lost to a full ring
-RING_BYTES = 1 << 20
+RING_BYTES = 2 << 20  # about 6,000 events of small packets, 1,300 of large ones
 RING_SPEC = MapSpec(RING, MapType.RINGBUF, 0, 0, RING_BYTES)
 DROPS_SPEC = MapSpec(DROPS, MapType.PERCPU_ARRAY, 4, 8, 1)
 
@@ -85,6 +85,7 @@ OFF_PKT = 80  # CAPTURE bytes from the network header
 # which a checksum check of a CHECKSUM_NONE skb sums.
 CAPTURE = 1500
 RECORD_SIZE = OFF_PKT + CAPTURE
+SMALL_CAPTURE = 256  # the record of a packet this short holds all of it in 336 bytes
 SKB_DST_PTRMASK = ~1  # _skb_refdst's low bit is SKB_DST_NOREF
 
 _SLOT = -8  # the reserved record's address, spilled on the global function's stack
@@ -113,14 +114,13 @@ def reject_code(target: Target, family: int) -> int:
     return (ICMP_CODES if family == 4 else ICMP6_CODES)[name]
 
 
-def emit_reject(em: Emitter, rule: Rule, target: Target) -> None:
-    """Reserve, fill and submit one event, then DROP. A full ring counts a lost event."""
-    ring = em.res.shared(RING_SPEC)
-    drops = em.res.shared(DROPS_SPEC)
-    lost, drop = em.label("reject_lost"), em.label("reject_drop")
+def _record(em: Emitter, target: Target, capture: int, lost: str, drop: str) -> list[nf.Item]:
+    """Reserve a record with room for ``capture`` packet bytes, fill and submit it, then
+    jump to ``drop`` (to ``lost`` when the ring is full)."""
     hook = int(em.hook) if em.hook is not None else 0xFF
     out: list[nf.Item] = [
-        asm.ld_map_fd(R1, ring), asm.mov64(R2, RECORD_SIZE), asm.mov64(R3, 0),
+        asm.ld_map_fd(R1, em.res.shared(RING_SPEC)), asm.mov64(R2, OFF_PKT + capture),
+        asm.mov64(R3, 0),
         asm.call_helper(BpfFunc.ringbuf_reserve),
         asm.jmp("jeq", R0, 0, lost),
         asm.stx(Size.DW, FP, _SLOT, R0),
@@ -155,7 +155,7 @@ def emit_reject(em: Emitter, rule: Rule, target: Target) -> None:
             *_probe(OFF_RT_FLAGS, 4, nf.KField.RT_FLAGS, OFF_DST),
             Label(no_dst),
         ]
-    # The packet: min(skb_headlen, CAPTURE) bytes from skb->data (the network header at
+    # The packet: min(skb_headlen, capture) bytes from skb->data (the network header at
     # these hooks).
     no_pkt, sized = em.label("reject_nopkt"), em.label("reject_sized")
     out += [
@@ -163,8 +163,8 @@ def emit_reject(em: Emitter, rule: Rule, target: Target) -> None:
         asm.ldx(Size.W, R2, R1, OFF_SKB_LEN), asm.ldx(Size.W, R3, R1, OFF_DATA_LEN),
         asm.jmp("jge", R3, R2, no_pkt),
         asm.sub64(R2, R3),
-        asm.jmp("jle", R2, CAPTURE, sized),
-        asm.mov64(R2, CAPTURE),
+        asm.jmp("jle", R2, capture, sized),
+        asm.mov64(R2, capture),
         Label(sized),
         asm.stx(Size.W, R1, OFF_CAPLEN, R2),
         asm.ldx(Size.DW, R3, R1, OFF_DATA),
@@ -179,6 +179,22 @@ def emit_reject(em: Emitter, rule: Rule, target: Target) -> None:
         asm.mov64(R2, 0),
         asm.call_helper(BpfFunc.ringbuf_submit),
         asm.ja(drop),
+    ]
+    return out
+
+
+def emit_reject(em: Emitter, rule: Rule, target: Target) -> None:
+    """Push one event, then DROP. A packet of at most SMALL_CAPTURE bytes (a SYN, a probe)
+    takes a small record, so a burst of them fits the ring several times over; a full ring
+    counts a lost event."""
+    drops = em.res.shared(DROPS_SPEC)
+    lost, drop, big = em.label("reject_lost"), em.label("reject_drop"), em.label("reject_big")
+    out: list[nf.Item] = [
+        asm.ldx(Size.W, R1, R7, nf.SKB_LEN),
+        asm.jmp("jgt", R1, SMALL_CAPTURE, big),
+        *_record(em, target, SMALL_CAPTURE, lost, drop),
+        Label(big),
+        *_record(em, target, CAPTURE, lost, drop),
         Label(lost),
         asm.st(Size.W, FP, _SLOT, 0),
         asm.ld_map_fd(R1, drops), asm.mov64(R2, FP), asm.add64(R2, _SLOT),

@@ -31,6 +31,7 @@ from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import MapFlag, MapType
 from bpfilter.ir.model import Match, Rule
+from bpfilter.ir.values import ValueError_, parse_port
 
 if TYPE_CHECKING:  # codegen/matchers registers emit_set, so it imports this module
     from bpfilter.codegen.matchers import Emitter, Resources
@@ -156,9 +157,12 @@ class SetType:
         if proto is None:
             raise SetError(f"protocol {proto_name!r} is not supported in port sets (only "
                            f"{', '.join(PORT_PROTOS)})")
-        lo_text, dash, hi_text = ports.partition("-")
-        lo = _port(lo_text)
-        hi = _port(hi_text) if dash else lo
+        try:  # a service name may hold a dash (ftp-data): the whole text first
+            lo = hi = parse_port(ports)
+        except ValueError_:
+            lo_text, dash, hi_text = ports.partition("-")
+            lo = _port(lo_text)
+            hi = _port(hi_text) if dash else lo
         if lo > hi:
             lo, hi = hi, lo
         return [struct.pack("!HBB", p, proto, 0) for p in range(lo, hi + 1)]
@@ -176,9 +180,11 @@ class SetType:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 0xFFFF:
-        raise SetError(f"invalid port {text!r}")
-    return int(text)
+    """A port number or service name (ipset resolves names with getservbyname)."""
+    try:
+        return parse_port(text)
+    except ValueError_:
+        raise SetError(f"invalid port {text!r}") from None
 
 
 # --- compiling `-m set` ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from bpfilter.grammar.shapes import (
     shape_word,
     template,
 )
-from bpfilter.grammar.tokenize import TokenizeError, Word, split_words
+from bpfilter.grammar.tokenize import TokenizeError, Word, split_words, word_texts
 from bpfilter.ir import checks
 from bpfilter.ir.matches import (
     MATCH_ALIASES,
@@ -40,6 +40,7 @@ from bpfilter.ir.model import (
     Table,
     Target,
     TargetKind,
+    make_rule,
 )
 from bpfilter.ir.targets import TARGETS, UNSUPPORTED_TARGETS, VERDICTS
 from bpfilter.ir.values import ValueError_, parse_prefix, parse_proto
@@ -115,9 +116,40 @@ class _Plan:
     target: Target | None
     jump_chain: str | None  # a user chain that must still exist when the line runs
     exts: tuple[_PlanExt, ...]
+    # Rule fields every such line shares (-p 0 "all" is no protocol match).
+    fragment: bool | None = None
+    rule_proto: int | None = None
+    rule_proto_neg: bool = False
+    # fullmatch of a line that takes this plan with nothing to resolve per line (built when
+    # a second consecutive line takes the plan); its groups are the line's words.
+    run_match: Callable[[str], re.Match[str] | None] | None = None
 
 
 _PLAN_IDS = itertools.count(1)
+
+
+@dataclass(slots=True)
+class _Run:
+    """Consecutive lines that take one plan: matched as text, no per-line shape lookup."""
+
+    plan: _Plan
+    match: Callable[[str], re.Match[str] | None]
+    chain: str
+    rules: list[Rule]  # the chain's rule list, appended to
+
+
+# A word shape_word() calls "V", in the characters the fast path allows (no blank, no '"').
+_RUN_VALUE = r"([#-,.-~][!#-~]*|-|![!#-~]+)"
+
+
+def _run_pattern(tpl: Template, texts: Sequence[str]) -> Callable[[str], re.Match[str] | None]:
+    """fullmatch for lines with this line's shape, command, chain and -m/-j/-g/-p words at
+    column 1; the groups are the words (what str.split() gives)."""
+    fixed = {tpl.cmd_index, tpl.cmd_args[0]}
+    fixed.update(it.args[0] for it in tpl.items if it.opt in ("-m", "-j", "-g", "-p"))
+    parts = [f"({re.escape(t)})" if i in fixed or shape_word(t) != "V" else _RUN_VALUE
+             for i, t in enumerate(texts)]
+    return re.compile("[ \t]+".join(parts) + "[ \t]*").fullmatch
 
 
 class _LineFailed(Exception):
@@ -158,7 +190,11 @@ class _LazyCols(Sequence[int]):
         self.body = body
         self.offset = offset
         self.cols: list[int] | None = None
-        self.first = offset + 1 + len(body) - len(body.lstrip(" \t"))
+
+    @property
+    def first(self) -> int:
+        """Column of the first word (the rule's column)."""
+        return self.offset + 1 + len(self.body) - len(self.body.lstrip(" \t"))
 
     def _get(self) -> list[int]:
         if self.cols is None:
@@ -185,6 +221,7 @@ class _Parser:
         self.tables: dict[str, Table] = {}
         self.cur: _TableB | None = None
         self.lineno = 0
+        self.prev_plan: _Plan | None = None  # the plan the previous rule line took
 
     def error(self, message: str, col: int = 1, exit_code: int = EXIT_PARAMETER,
               line: int | None = None) -> ParseError:
@@ -197,11 +234,15 @@ class _Parser:
         final_newline = text.endswith("\n")
         if final_newline:
             lines.pop()
-        for n, line in enumerate(lines, 1):
+        total = len(lines)
+        n = 0
+        while n < total:
+            line = lines[n]
+            n += 1
             self.lineno = n
             if not line or line[0] == "#":
                 continue
-            if line == "COMMIT" and (final_newline or n < len(lines)):
+            if line == "COMMIT" and (final_newline or n < total):
                 if self.cur is None:
                     raise self.error(f"line {n} failed: COMMIT outside a table",
                                      exit_code=EXIT_LINE_FAILED)
@@ -216,7 +257,9 @@ class _Parser:
             if line[0] == ":":
                 self.chain_line(line)
                 continue
-            self.rule_line(line)
+            run = self.rule_line(line)
+            if run is not None:
+                n = self.run_of(run, lines, n)
         if self.cur is not None:
             self.lineno = len(lines) + 1
             raise self.error(f"COMMIT expected at line {len(lines) + 1}",
@@ -305,10 +348,12 @@ class _Parser:
         self.tables[tb.name] = table
         self.cur = None
 
-    def rule_line(self, line: str) -> None:
+    def rule_line(self, line: str) -> _Run | None:
+        """Apply one rule line; returns a run when the lines after it may take its plan."""
         counters: tuple[int, int] | None = None
         offset = 0
         body = line
+        prev, self.prev_plan = self.prev_plan, None
         if line[0] == "[":
             end = line.find("]")
             if end < 0:
@@ -316,36 +361,105 @@ class _Parser:
             counters = _counters(line[: end + 1])
             body = line[end + 1:]
             offset = end + 1
-        if '"' not in body and _PLAIN(body):
-            # Fast path: no quoting, so str.split() tokenises exactly like iptables-restore
-            # and columns are only computed if an error needs one.
-            texts = body.split()
-            tpl = self.fast_template(_SHAPE_SUB("V", body))
-            if tpl is not None and tpl.command == "-A" and counters is None \
-                    and tpl.static is not None and not tpl.family_flags:
-                # Fastest path: an append whose extensions are all cached already.
-                assert self.cur is not None
-                chain_name = texts[tpl.cmd_args[0]]
-                c = self.cur.chains.get(chain_name)
-                if c is not None:
-                    col = offset + 1 + len(body) - len(body.lstrip(" \t"))
-                    rules = self.planned_rule(tpl, tpl.static(texts) if tpl.static_n else (),
-                                              texts, None, chain_name, col)
-                    if rules is not None:
-                        c.rules.extend(rules)
-                        return
+        if _PLAIN(body):
+            # Fast path: columns are only computed if an error needs one. Without quoting
+            # str.split() tokenises exactly like iptables-restore.
+            key: str | None
+            if '"' not in body:
+                texts = body.split()
+                key = _SHAPE_SUB("V", body)
+            else:
+                try:
+                    texts = word_texts(body, offset)
+                except TokenizeError as e:
+                    raise self.error(e.message, col=e.col) from None
+                # getopt would see inside a quoted word with a blank that the shape calls
+                # "V" (`"--opt=a b"`): such lines take the general path.
+                key = None if any(t[:1] == "-" and (" " in t or "\t" in t) for t in texts) \
+                    else " ".join([shape_word(t) for t in texts])
+            tpl = None if key is None else self.fast_template(key)
             if tpl is not None:
                 cols = _LazyCols(body, offset)
                 try:
+                    if tpl.command == "-A" and counters is None and tpl.static is not None \
+                            and not tpl.family_flags and self.append_planned(tpl, texts, cols):
+                        return self.next_run(prev, tpl, texts, cols)
                     self.execute(tpl, texts, cols, counters)
                 except (_ParamError, _LineFailed, ValueError_) as e:
                     raise self.convert(e, cols) from None
-                return
+                return None
         try:
             words = split_words(body, offset)
         except TokenizeError as e:
             raise self.error(e.message, col=e.col) from None
         self.rule_words(normalize(words), counters)
+        return None
+
+    def append_planned(self, tpl: Template, texts: Sequence[str], cols: _LazyCols) -> bool:
+        """Fastest path: an append to an existing chain through its shape's plan (False: the
+        line needs execute()). execute() checks nothing before planned_rule() for such a line
+        (an existing chain's name is never too long), so errors come out the same."""
+        assert self.cur is not None
+        chain_name = texts[tpl.cmd_args[0]]
+        c = self.cur.chains.get(chain_name)
+        if c is None:
+            return False
+        plan = self.plan_of(tpl, tpl.static(texts) if tpl.static_n else (),
+                            texts, chain_name)
+        if plan is None:
+            return False
+        rule = self.apply_plan(plan, texts, cols, chain_name, cols.first)
+        if rule is None:
+            return False
+        c.rules.append(rule)
+        self.prev_plan = plan
+        return True
+
+    def next_run(self, prev: _Plan | None, tpl: Template, texts: Sequence[str],
+                 cols: _LazyCols) -> _Run | None:
+        """A run when this line and the one before it took the same plan: the lines that
+        follow are then likely to take it too."""
+        plan = self.prev_plan
+        # A run's lines are unquoted and start at column 1 (see run_of).
+        if plan is None or plan is not prev or cols.offset or '"' in cols.body:
+            return None
+        assert self.cur is not None
+        match = plan.run_match
+        if match is None:
+            match = plan.run_match = _run_pattern(tpl, texts)
+        chain = texts[tpl.cmd_args[0]]
+        return _Run(plan, match, chain, self.cur.chains[chain].rules)
+
+    def run_of(self, run: _Run, lines: list[str], n: int) -> int:
+        """Append the rules of the lines from index n on that match the run's pattern, as
+        rule_line would; returns the index of the first line left to rule_line.
+
+        A matching line has the shape, chain and -m/-j/-p words of the plan, no counters and
+        no leading blank (column 1): rule_line would take the fastest path with this plan.
+        """
+        match = run.match
+        plan = run.plan
+        chain = run.chain
+        append = run.rules.append
+        apply_plan = self.apply_plan
+        has_exts = bool(plan.exts)
+        total = len(lines)
+        while n < total:
+            line = lines[n]
+            m = match(line)
+            if m is None:
+                break
+            self.lineno = n + 1
+            cols = _LazyCols(line, 0) if has_exts else None
+            try:
+                rule = apply_plan(plan, m.groups(), cols, chain, 1)
+            except (_ParamError, _LineFailed, ValueError_) as e:
+                raise self.convert(e, cols or _LazyCols(line, 0)) from None
+            if rule is None:
+                break
+            append(rule)
+            n += 1
+        return n
 
     def fast_template(self, key: str) -> Template | None:
         """The template for a raw shape, or None when the line needs the careful path
@@ -563,6 +677,10 @@ class _Parser:
         table = self.cur.name
         for it in tpl.items:
             opt = it.opt
+            if opt == "--proto" and _find_owner(exts, opt) is None:
+                # getopt reads --proto as policy's option once policy is loaded, else as an
+                # abbreviation of --protocol.
+                opt = "-p"
             if opt in _CORE_ONCE:
                 if opt in seen:
                     raise _ParamError(f"multiple {opt} flags not allowed", cols[it.index])
@@ -689,7 +807,7 @@ class _Parser:
                                    dst=_drop_any(d, f.get("dst_neg"))))
         return out
 
-    def make_plan(self, tpl: Template, texts: list[str], chain: str) -> _Plan | None:
+    def make_plan(self, tpl: Template, texts: Sequence[str], chain: str) -> _Plan | None:
         """Resolve a rule line's extensions once for all lines like it (None: not plannable)."""
         assert self.cur is not None
         src = dst = None
@@ -781,15 +899,15 @@ class _Parser:
             getter: Callable[[list[str]], object] = (
                 operator.itemgetter(*idx) if idx else _no_values)
             exts.append(_PlanExt(next(_PLAN_IDS), ext, is_target, index, tuple(items), getter))
+        fragment = fields.get("fragment")
+        assert fragment is None or isinstance(fragment, bool)
         return _Plan(src, dst, fields, tuple(ifaces), proto, proto_neg, target, jump_chain,
-                     tuple(exts))
+                     tuple(exts), fragment, proto if proto else None,
+                     proto_neg if proto else False)
 
-    def planned_rule(self, tpl: Template, static: object, texts: list[str],
-                     cols: Sequence[int] | None, chain: str, col: int) -> list[Rule] | None:
-        """The rule of a plain line through its plan, or None to take the general path.
-
-        Without `cols` (word columns, for error messages) only cached extensions are used.
-        """
+    def plan_of(self, tpl: Template, static: object, texts: Sequence[str], chain: str
+                ) -> _Plan | None:
+        """The cached plan of a plain rule line (None: the line needs the general path)."""
         assert self.cur is not None
         key = (tpl, static, chain, self.cur.name, self.bits)
         plan = _PLANS.get(key, False)
@@ -797,68 +915,94 @@ class _Parser:
             plan = self.make_plan(tpl, texts, chain)
             if len(_PLANS) < 4096:
                 _PLANS[key] = plan
+        assert plan is None or isinstance(plan, _Plan)
+        return plan
+
+    def planned_rule(self, tpl: Template, static: object, texts: Sequence[str],
+                     cols: Sequence[int] | None, chain: str, col: int) -> list[Rule] | None:
+        """The rule of a plain line through its plan, or None to take the general path."""
+        plan = self.plan_of(tpl, static, texts, chain)
         if plan is None:
             return None
-        assert isinstance(plan, _Plan)
+        rule = self.apply_plan(plan, texts, cols, chain, col)
+        return None if rule is None else [rule]
+
+    def apply_plan(self, plan: _Plan, texts: Sequence[str], cols: Sequence[int] | None,
+                   chain: str, col: int) -> Rule | None:
+        """The rule of a line through its plan, or None to take the general path.
+
+        Without `cols` (word columns, for error messages) only cached extensions are used.
+        """
+        assert self.cur is not None
         if plan.jump_chain is not None:
             c = self.cur.chains.get(plan.jump_chain)
             if c is None or c.builtin:
                 return None
         target = plan.target
-        matches = []
-        ctx_key = (plan.proto, plan.proto_neg, self.cur.name, chain, self.bits)
-        for pe in plan.exts:
-            ext_key = (pe.uid, pe.values(texts), ctx_key)
-            obj = _EXT_CACHE.get(ext_key)
-            if obj is None:
-                if cols is None:
-                    return None
-                inst = _ExtInst(pe.ext, {}, pe.index, is_target=pe.is_target)
-                for opt, neg, args, index in pe.items:
-                    inst.raw.append((opt, neg, tuple([texts[i] for i in args]), index,
-                                     args[0] if args else index))
-                ctx = Ctx(self.bits, plan.proto, plan.proto_neg, self.cur.name, chain)
-                obj = self.finish(inst, ctx, target, cols)
-                if len(_EXT_CACHE) < 65536:
-                    _EXT_CACHE[ext_key] = obj
-            if pe.is_target:
-                assert isinstance(obj, Target)
-                target = obj
-            else:
-                assert isinstance(obj, Match)
-                matches.append(obj)
-        bits = self.bits
+        matches: tuple[Match, ...] = ()
+        if plan.exts:
+            found = []
+            ctx_key = (plan.proto, plan.proto_neg, self.cur.name, chain, self.bits)
+            for pe in plan.exts:
+                ext_key = (pe.uid, pe.values(texts), ctx_key)  # type: ignore[arg-type]
+                obj = _EXT_CACHE.get(ext_key)
+                if obj is None:
+                    if cols is None:
+                        return None
+                    inst = _ExtInst(pe.ext, {}, pe.index, is_target=pe.is_target)
+                    for opt, neg, args, index in pe.items:
+                        inst.raw.append((opt, neg, tuple([texts[i] for i in args]), index,
+                                         args[0] if args else index))
+                    ctx = Ctx(self.bits, plan.proto, plan.proto_neg, self.cur.name, chain)
+                    obj = self.finish(inst, ctx, target, cols)
+                    if len(_EXT_CACHE) < 65536:
+                        _EXT_CACHE[ext_key] = obj
+                if pe.is_target:
+                    assert isinstance(obj, Target)
+                    target = obj
+                else:
+                    assert isinstance(obj, Match)
+                    found.append(obj)
+            matches = tuple(found)
         src = dst = None
-        try:
-            if plan.src is not None:
-                value = texts[plan.src[0]]
-                if "," in value:
-                    return None
-                src = _drop_any(parse_prefix(value, bits), plan.src[1])
-            if plan.dst is not None:
-                value = texts[plan.dst[0]]
-                if "," in value:
-                    return None
-                dst = _drop_any(parse_prefix(value, bits), plan.dst[1])
-        except ValueError_:
-            return None
-        fields = plan.fields
-        if plan.ifaces:
-            fields = dict(fields)
-            for field_name, index, neg in plan.ifaces:
-                name = texts[index]
-                if len(name) > IFNAME_MAX:
-                    return None
-                if name == "+" and not neg:
-                    continue
-                fields[field_name] = name
-                fields[field_name + "_neg"] = neg
-        proto = plan.proto
-        return [Rule(src=src, src_neg=plan.src[1] if plan.src else False, dst=dst,
-                     dst_neg=plan.dst[1] if plan.dst else False, proto=proto if proto else None,
-                     proto_neg=plan.proto_neg if proto else False, matches=tuple(matches),
-                     target=target, line=self.lineno, col=col,
-                     **fields)]
+        src_neg = dst_neg = False
+        if plan.src is not None:
+            index, src_neg = plan.src
+            value = texts[index]
+            if "," in value:
+                return None
+            try:
+                src = parse_prefix(value, self.bits)
+            except ValueError_:
+                return None
+            if src.mask == 0 and not src_neg:
+                src = None  # 0.0.0.0/0 matches everything (see _drop_any)
+        if plan.dst is not None:
+            index, dst_neg = plan.dst
+            value = texts[index]
+            if "," in value:
+                return None
+            try:
+                dst = parse_prefix(value, self.bits)
+            except ValueError_:
+                return None
+            if dst.mask == 0 and not dst_neg:
+                dst = None
+        iif = oif = None
+        iif_neg = oif_neg = False
+        for field_name, index, neg in plan.ifaces:
+            name = texts[index]
+            if len(name) > IFNAME_MAX:
+                return None
+            if name == "+" and not neg:
+                continue
+            if field_name == "iif":
+                iif, iif_neg = name, neg
+            else:
+                oif, oif_neg = name, neg
+        return make_rule(src, src_neg, dst, dst_neg, iif, iif_neg, oif, oif_neg,
+                         plan.rule_proto, plan.rule_proto_neg, plan.fragment, matches, target,
+                         None, self.lineno, col)
 
     def finish(self, inst: _ExtInst, ctx: Ctx, target: Target | None, cols: Sequence[int]
                ) -> Match | Target:

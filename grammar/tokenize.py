@@ -61,3 +61,24 @@ def split_words(line: str, offset: int = 0) -> list[Word]:
     if '"' in rest:
         raise TokenizeError("unterminated quoted string", line.rfind('"') + 1 + offset)
     return words
+
+
+# _WORD, plus a quote no word could take (one without its closing quote) as group 4.
+_WORD_OR_STRAY = re.compile(_WORD.pattern + '|(")', re.S)
+_PLAIN_WORD = re.compile(r"[^ \t\n]+")
+
+
+def word_texts(line: str, offset: int = 0) -> list[str]:
+    """The texts of split_words(line, offset), without columns (faster: no Word objects);
+    raises the same TokenizeError."""
+    if '"' not in line:
+        return _PLAIN_WORD.findall(line)
+    out = []
+    for head, body, plain, stray in _WORD_OR_STRAY.findall(line):
+        if stray:
+            raise TokenizeError("unterminated quoted string", line.rfind('"') + 1 + offset)
+        if plain:
+            out.append(plain)
+        else:
+            out.append(head + (_ESCAPE.sub(r"\1", body) if "\\" in body else body))
+    return out

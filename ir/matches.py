@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -1353,22 +1355,919 @@ HELPER = Extension("helper", "match", {"--helper": OptDef(_str_max(29, "helper")
 EUI64 = Extension("eui64", "match", {}, lambda o, c: "", families=frozenset({6}))
 
 
+# ---- ecn, dccp ---------------------------------------------------------------------------------
+
+
+def _ecn_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if not opts:
+        raise fail("ECN match: some option required")
+    # xt_ecn checkentry: the TCP bits need a rule limited to TCP.
+    if ("--ecn-tcp-cwr" in opts or "--ecn-tcp-ece" in opts) and (ctx.proto != 6
+                                                                 or ctx.proto_neg):
+        raise fail("ecn: --ecn-tcp-cwr and --ecn-tcp-ece need `-p tcp'")
+    return opts
+
+
+def _ecn_save(opts: Opts, ctx: Ctx) -> str:
+    out = [f"{_neg(opts[n])}{n}" for n in ("--ecn-tcp-ece", "--ecn-tcp-cwr") if n in opts]
+    o = opts.get("--ecn-ip-ect")
+    if o is not None:
+        out.append(f"{_neg(o)}--ecn-ip-ect {o.value}")
+    return " ".join(out)
+
+
+ECN = Extension(
+    "ecn", "match",
+    {"--ecn-tcp-cwr": OptDef(None, True), "--ecn-tcp-ece": OptDef(None, True),
+     "--ecn-ip-ect": OptDef(_uint(3, "ECT codepoint"), True)},
+    _ecn_save, _ecn_finalize,
+)
+
+DCCP_TYPES = ("REQUEST", "RESPONSE", "DATA", "ACK", "DATAACK", "CLOSEREQ", "CLOSE", "RESET",
+              "SYNC", "SYNCACK", "INVALID")
+
+
+def _dccp_types(args: tuple[str, ...], ctx: Ctx) -> int:
+    bits = 0
+    for part in args[0].split(","):
+        if part.upper() not in DCCP_TYPES:
+            raise fail(f"Unknown DCCP type `{part}'")
+        bits |= 1 << DCCP_TYPES.index(part.upper())
+    return bits
+
+
+def _dccp_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    for name in ("--sport", "--dport"):
+        o = opts.get(name)
+        if o is not None:
+            out.append(f"{_neg(o)}{name} {format_port_range(o.value)}")
+    o = opts.get("--dccp-types")
+    if o is not None:
+        names = [t for i, t in enumerate(DCCP_TYPES) if int(o.value) >> i & 1]
+        out.append(f"{_neg(o)}--dccp-types {','.join(names)}")
+    o = opts.get("--dccp-option")
+    if o is not None:
+        out.append(f"{_neg(o)}--dccp-option {o.value}")
+    return " ".join(out)
+
+
+def port16(s: str) -> int:
+    """A port as xtables_parse_port's callers that store into a u16 see it: a decimal
+    number modulo 2^16, or a service name."""
+    return int(s, 10) & 0xFFFF if s.isdigit() and s.isascii() else parse_port(s)
+
+
+def _dccp_ports(args: tuple[str, ...], ctx: Ctx) -> PortRange:
+    # libxt_dccp keeps a reversed range as written (it matches nothing).
+    a, colon, b = args[0].partition(":")
+    if not colon:
+        p = port16(a)
+        return PortRange(p, p)
+    return PortRange(port16(a) if a else 0, port16(b) if b else 65535)
+
+
+def _dccp_option(args: tuple[str, ...], ctx: Ctx) -> int:
+    n = parse_uint(args[0], 255, "DCCP option")
+    if n == 0:
+        raise fail("DCCP option 0 cannot be matched")
+    return n
+
+
+DCCP = Extension(
+    "dccp", "match",
+    {"--sport": OptDef(_dccp_ports, True), "--dport": OptDef(_dccp_ports, True),
+     "--dccp-types": OptDef(_dccp_types, True), "--dccp-option": OptDef(_dccp_option, True)},
+    _dccp_save, aliases=_PORT_ALIASES,
+)
+
+
+# ---- time ---------------------------------------------------------------------------------------
+
+_DAY = 86400
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_ALL_WEEKDAYS = 0xFE  # XT_TIME_ALL_WEEKDAYS: bit 1 is Monday ... bit 7 Sunday
+_ALL_MONTHDAYS = 0xFFFFFFFE  # bit N is day N of the month
+_DATE_STOP = 0x7FFFFFFF  # libxt_time's default --datestop (INT_MAX)
+
+
+def _strtoul10(s: str) -> tuple[int, str]:
+    m = re.match(r"\s*\+?(\d*)", s)
+    assert m is not None
+    return (int(m.group(1)) if m.group(1) else 0), s[m.end():]
+
+
+def _time_date(args: tuple[str, ...], ctx: Ctx) -> int:
+    """`YYYY[-MM[-DD[Thh[:mm[:ss]]]]]` in UTC, normalised as timegm() does."""
+    s = args[0]
+    err = fail(f"Invalid date \"{s}\" specified. Should be [YYYY[-MM[-DD[Thh[:mm[:ss]]]]]]")
+    fields = [0, 1, 1, 0, 0, 0]
+    rest = s
+    for i, (seps, hi) in enumerate(((("-",), 2038), (("-",), 12), (("T",), 31),
+                                    ((":",), 23), ((":",), 59), ((), 59))):
+        fields[i], rest = _strtoul10(rest)
+        if (rest and rest[0] not in seps) or fields[i] > hi or (i == 0 and fields[0] < 1970):
+            raise err
+        if not rest:
+            break
+        rest = rest[1:]
+    year, month, day, hour, minute, second = fields
+    m0 = month - 1
+    year, m0 = year + m0 // 12, m0 % 12
+    days = (datetime.date(year, m0 + 1, 1) - datetime.date(1970, 1, 1)).days + day - 1
+    return (days * _DAY + hour * 3600 + minute * 60 + second) & U32
+
+
+def _time_daytime(args: tuple[str, ...], ctx: Ctx) -> int:
+    s = args[0]
+    err = fail(f"invalid time \"{s}\" specified, should be hh:mm[:ss] format and within "
+               "the boundaries")
+    hour, rest = _strtoul10(s)
+    if not rest.startswith(":") or hour > 23:
+        raise err
+    minute, rest = _strtoul10(rest[1:])
+    second = 0
+    if (rest and rest[0] != ":") or minute > 59:
+        raise err
+    if rest:
+        second, rest = _strtoul10(rest[1:])
+        if rest or second > 59:
+            raise err
+    return hour * 3600 + minute * 60 + second
+
+
+def _time_weekdays(args: tuple[str, ...], ctx: Ctx) -> int:
+    # libxt_time: a digit 1-7, or a word whose first two letters name a day (case matters);
+    # a trailing comma is ignored.
+    bits = 0
+    parts = args[0].split(",")
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()
+    for part in parts:
+        if part[:1].isdigit():
+            n = int(part[0])
+            if not 1 <= n <= 7:
+                raise fail(f"invalid week day `{part}'")
+        else:
+            found = [i + 1 for i, d in enumerate(_WEEKDAYS) if len(part) >= 2
+                     and d[:2] == part[:2]]
+            if not found:
+                raise fail(f"Cannot parse \"{args[0]}\" - unknown weekday")
+            n = found[0]
+        bits |= 1 << n
+    return bits
+
+
+def _time_monthdays(args: tuple[str, ...], ctx: Ctx) -> int:
+    bits = 0
+    for part in args[0].split(","):
+        n, rest = _strtoul10(part)
+        if rest or not 1 <= n <= 31:
+            raise fail(f"Invalid month day `{part}'")
+        bits |= 1 << n
+    return bits
+
+
+def _time_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    local = "--localtz" in opts or "--kerneltz" in opts
+    if local and "--utc" in opts:
+        other = "--kerneltz" if "--kerneltz" in opts else "--localtz"
+        raise fail(f"time: option \"--utc\" cannot be used together with \"{other}\".")
+    start = int(opts["--timestart"].value) if "--timestart" in opts else 0
+    stop = int(opts["--timestop"].value) if "--timestop" in opts else _DAY - 1
+    if "--contiguous" in opts and start < stop:
+        raise fail("time: --contiguous only makes sense when stoptime is smaller than "
+                   "starttime")
+    wd = opts.get("--weekdays")
+    md = opts.get("--monthdays")
+    week = _ALL_WEEKDAYS if wd is None else int(wd.value) ^ (_ALL_WEEKDAYS if wd.negated
+                                                              else 0)
+    month = _ALL_MONTHDAYS if md is None else int(md.value) ^ (_ALL_MONTHDAYS if md.negated
+                                                                else 0)
+    out = {
+        "--timestart": Option("--timestart", start), "--timestop": Option("--timestop", stop),
+        "--monthdays": Option("--monthdays", month), "--weekdays": Option("--weekdays", week),
+        "--datestart": Option("--datestart",
+                              opts["--datestart"].value if "--datestart" in opts else 0),
+        "--datestop": Option("--datestop",
+                             opts["--datestop"].value if "--datestop" in opts else _DATE_STOP),
+    }
+    if local:
+        out["--kerneltz"] = Option("--kerneltz", True)
+    if "--contiguous" in opts:
+        out["--contiguous"] = Option("--contiguous", True)
+    return out
+
+
+def _hms(t: int) -> str:
+    return f"{t // 3600:02d}:{t // 60 % 60:02d}:{t % 60:02d}"
+
+
+def _time_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    start, stop = int(opts["--timestart"].value), int(opts["--timestop"].value)
+    if (start, stop) != (0, _DAY - 1):
+        out.append(f"--timestart {_hms(start)} --timestop {_hms(stop)}")
+    month = int(opts["--monthdays"].value)
+    if month != _ALL_MONTHDAYS:
+        out.append("--monthdays " + ",".join(str(d) for d in range(1, 32) if month >> d & 1))
+    week = int(opts["--weekdays"].value)
+    if week != _ALL_WEEKDAYS:
+        out.append("--weekdays " + ",".join(d for i, d in enumerate(_WEEKDAYS)
+                                            if week >> (i + 1) & 1))
+    # iptables 1.8.9 leaves out a date of 0 only (its LONG_MAX test never meets INT_MAX).
+    for name in ("--datestart", "--datestop"):
+        t = int(opts[name].value)
+        if t:
+            d = datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=t)
+            out.append(f"{name} {d:%Y-%m-%dT%H:%M:%S}")
+    out += [n for n in ("--kerneltz", "--contiguous") if n in opts]
+    return " ".join(out)
+
+
+TIME = Extension(
+    "time", "match",
+    {"--datestart": OptDef(_time_date), "--datestop": OptDef(_time_date),
+     "--timestart": OptDef(_time_daytime), "--timestop": OptDef(_time_daytime),
+     "--weekdays": OptDef(_time_weekdays, True), "--monthdays": OptDef(_time_monthdays, True),
+     "--utc": OptDef(None), "--localtz": OptDef(None), "--kerneltz": OptDef(None),
+     "--contiguous": OptDef(None)},
+    _time_save, _time_finalize,
+)
+
+
+# ---- string, u32 -----------------------------------------------------------------------------
+
+STRING_MAX = 128  # XT_STRING_MAX_PATTERN_SIZE
+
+
+# The pattern is kept as a str of latin-1 characters, one per byte (JSON-friendly).
+
+def _string_text(args: tuple[str, ...], ctx: Ctx) -> str:
+    b = args[0].encode("utf-8", "surrogateescape")
+    if len(b) > STRING_MAX:
+        raise fail("STRING too long \"" + args[0] + "\"")
+    return b.decode("latin-1")
+
+
+def _hex_string(args: tuple[str, ...], ctx: Ctx) -> str:
+    """libxt_string's parse_hex_string: `|hex bytes|` between literal text, `\\` escapes."""
+    s = args[0]
+    out = bytearray()
+    i, hexmode = 0, False
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and not hexmode:
+            if i + 1 >= len(s):
+                raise fail("Bad literal placement at end of string")
+            out += s[i + 1].encode("utf-8", "surrogateescape")
+            i += 2
+        elif c == "|":
+            hexmode = not hexmode
+            i += 1
+        elif hexmode:
+            if c == " ":
+                i += 1
+                continue
+            pair = s[i:i + 2]
+            if len(pair) < 2 or not all(x in "0123456789abcdefABCDEF" for x in pair):
+                raise fail(f"Invalid hex char '{c}'")
+            out.append(int(pair, 16))
+            i += 2
+        else:
+            out += c.encode("utf-8", "surrogateescape")
+            i += 1
+        if len(out) > STRING_MAX:
+            raise fail("STRING too long \"" + s + "\"")
+    if hexmode:
+        raise fail("Invalid hex block")
+    return bytes(out).decode("latin-1")
+
+
+def _string_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if "--string" in opts and "--hex-string" in opts:
+        raise fail("Can't specify multiple strings")
+    if "--string" not in opts and "--hex-string" not in opts:
+        raise fail("STRING match: You must specify `--string' or `--hex-string'")
+    _require(opts, "--algo", msg="STRING match: You must specify `--algo'")
+    frm = int(opts["--from"].value) if "--from" in opts else 0
+    to = int(opts["--to"].value) if "--to" in opts else 65535
+    if frm > to:  # xt_string checkentry
+        raise fail("STRING match: --from must not be greater than --to")
+    pat = opts.get("--string") or opts["--hex-string"]
+    if not pat.value:
+        raise fail("STRING match: the pattern must not be empty")
+    out = {"--string": Option("--string", pat.value, pat.negated),
+           "--algo": opts["--algo"], "--from": Option("--from", frm),
+           "--to": Option("--to", to)}
+    if "--icase" in opts:
+        out["--icase"] = opts["--icase"]
+    return out
+
+
+def _string_algo(args: tuple[str, ...], ctx: Ctx) -> str:
+    # The kernel's textsearch algorithms built here (another name fails in checkentry; fsm
+    # is not built in Debian's kernels).
+    if args[0] not in ("bm", "kmp"):
+        raise fail(f"STRING match: unknown --algo `{args[0]}' (bm or kmp)")
+    return args[0]
+
+
+def _string_save(opts: Opts, ctx: Ctx) -> str:
+    o = opts["--string"]
+    pat = str(o.value).encode("latin-1")
+    if any(not 0x20 <= c < 0x7F for c in pat) or pat.endswith(b"\\"):
+        text = f"--hex-string \"|{pat.hex()}|\""
+    else:
+        esc = "".join("\\" + chr(c) if c in b"\"\\" else chr(c) for c in pat)
+        text = f"--string \"{esc}\""
+    out = [f"{_neg(o)}{text}", f"--algo {opts['--algo'].value}"]
+    if opts["--from"].value:
+        out.append(f"--from {opts['--from'].value}")
+    if opts["--to"].value != 65535:
+        out.append(f"--to {opts['--to'].value}")
+    if "--icase" in opts:
+        out.append("--icase")
+    return " ".join(out)
+
+
+STRING = Extension(
+    "string", "match",
+    {"--string": OptDef(_string_text, True), "--hex-string": OptDef(_hex_string, True),
+     "--algo": OptDef(_string_algo), "--from": OptDef(_uint(65535, "offset")),
+     "--to": OptDef(_uint(65535, "offset")), "--icase": OptDef(None)},
+    _string_save, _string_finalize,
+)
+
+U32_MAXSIZE = 10  # XT_U32_MAXSIZE: at most 10 tests, location numbers and value ranges
+_U32_OPS = (("&&", None), ("&", "&"), ("<<", "<<"), (">>", ">>"), ("@", "@"))
+
+
+def _u32(args: tuple[str, ...], ctx: Ctx) -> tuple[tuple[tuple[tuple[str, int], ...],
+                                                         tuple[tuple[int, int], ...]], ...]:
+    """`LOCATION=VALUES[&&...]`: LOCATION is numbers joined by & << >> @, VALUES ranges."""
+    s = "".join(args[0].split())
+    pos = 0
+
+    def number() -> int:
+        nonlocal pos
+        m = re.match(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*", s[pos:])
+        if m is None:
+            raise fail(f"u32: at char {pos + 1}: expected number")
+        pos += m.end()
+        t = m.group(0)
+        n = int(t, 16 if t[:2].lower() == "0x" else 8 if t.startswith("0") else 10)
+        if n > U32:
+            raise fail(f"u32: at char {pos}: number out of range")
+        return n
+
+    tests = []
+    while True:
+        loc = [("", number())]
+        while pos < len(s) and s[pos] != "=":
+            for tok, op in _U32_OPS[1:]:
+                if s.startswith(tok, pos):
+                    pos += len(tok)
+                    assert op is not None
+                    loc.append((op, number()))
+                    break
+            else:
+                raise fail(f"u32: at char {pos + 1}: unexpected character")
+            if len(loc) > U32_MAXSIZE:
+                raise fail(f"u32: at char {pos}: too many operators")
+        if pos >= len(s):
+            raise fail(f"u32: at char {pos + 1}: missing \"=\"")
+        pos += 1
+        values = []
+        while True:
+            lo = number()
+            hi = lo
+            if s.startswith(":", pos):
+                pos += 1
+                hi = number()
+            values.append((lo, hi))
+            if len(values) > U32_MAXSIZE:
+                raise fail(f"u32: at char {pos}: too many ranges")
+            if not s.startswith(",", pos):
+                break
+            pos += 1
+        tests.append((tuple(loc), tuple(values)))
+        if len(tests) > U32_MAXSIZE:
+            raise fail(f"u32: at char {pos}: too many \"&&\"s")
+        if pos >= len(s):
+            return tuple(tests)
+        if not s.startswith("&&", pos):
+            raise fail(f"u32: at char {pos + 1}: expected \"&&\" or end of string")
+        pos += 2
+
+
+def _u32_save(opts: Opts, ctx: Ctx) -> str:
+    o = opts["--u32"]
+    tests = []
+    for loc, values in o.value:
+        text = "".join(f"{op}0x{n:x}" for op, n in loc) + "="
+        text += ",".join(f"0x{lo:x}" if lo == hi else f"0x{lo:x}:0x{hi:x}" for lo, hi in values)
+        tests.append(text)
+    return f"{_neg(o)}--u32 \"{'&&'.join(tests)}\""
+
+
+U32_M = Extension("u32", "match", {"--u32": OptDef(_u32, True)}, _u32_save,
+                  _need("--u32", "u32"))
+
+
+# ---- devgroup, realm, connbytes, nfacct -----------------------------------------------------
+
+# Names from iproute2's /etc/iproute2/group and rt_realms as Debian ships them.
+DEVGROUP_NAMES = {"default": 0}
+REALM_NAMES = {"cosmos": 0}
+
+
+def _id_mask(names: Mapping[str, int], what: str) -> Parser:
+    def p(s: str, ctx: Ctx) -> tuple[int, int]:
+        v, slash, m = s.partition("/")
+        if v in names and not slash:
+            return names[v], U32
+        try:
+            return parse_uint(v, U32, what), parse_uint(m, U32, what) if slash else U32
+        except ValueError_:
+            raise fail(f"{what} `{s}' not found (names other than "
+                       f"{', '.join(names)} are not resolved)") from None
+    return _one(p)
+
+
+def _id_mask_text(value: tuple[int, int], names: Mapping[str, int]) -> str:
+    v, m = value
+    if m != U32:
+        return f"0x{v:x}/0x{m:x}"
+    for name, n in names.items():
+        if n == v:
+            return name
+    return f"0x{v:x}"
+
+
+def _devgroup_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if not opts:
+        raise fail("devgroup match: You must specify either '--src-group' or '--dst-group'")
+    return opts  # the hooks each option allows are checked at commit (ir/checks.py)
+
+
+def _devgroup_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    for name in ("--src-group", "--dst-group"):
+        o = opts.get(name)
+        if o is not None:
+            out.append(f"{_neg(o)}{name} {_id_mask_text(o.value, DEVGROUP_NAMES)}")
+    return " ".join(out)
+
+
+DEVGROUP = Extension(
+    "devgroup", "match",
+    {"--src-group": OptDef(_id_mask(DEVGROUP_NAMES, "device group"), True),
+     "--dst-group": OptDef(_id_mask(DEVGROUP_NAMES, "device group"), True)},
+    _devgroup_save, _devgroup_finalize,
+)
+
+REALM = Extension(
+    "realm", "match", {"--realm": OptDef(_id_mask(REALM_NAMES, "realm"), True)},
+    lambda o, c: f"{_neg(o['--realm'])}--realm {_id_mask_text(o['--realm'].value, REALM_NAMES)}",
+    _need("--realm", "realm"), families=frozenset({4}),
+)
+
+_CONNBYTES_DIRS = ("original", "reply", "both")
+_CONNBYTES_MODES = ("packets", "bytes", "avgpkt")
+
+
+def _connbytes(args: tuple[str, ...], ctx: Ctx) -> tuple[int, int]:
+    a, colon, b = args[0].partition(":")
+    lo = parse_uint(a, U64) if a else 0
+    hi = (parse_uint(b, U64) if b else U64) if colon else U64
+    if hi < lo:
+        raise fail(f"{lo} should be less than {hi}")
+    return lo, hi
+
+
+def _choice(values: tuple[str, ...], what: str) -> Parser:
+    def p(s: str, ctx: Ctx) -> str:
+        if s not in values:
+            raise fail(f"Unknown --{what} `{s}'")
+        return s
+    return _one(p)
+
+
+def _connbytes_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    for n in ("--connbytes", "--connbytes-dir", "--connbytes-mode"):
+        _require(opts, n, msg=f"connbytes: option \"{n}\" must be specified")
+    o = opts["--connbytes"]
+    lo, hi = o.value
+    # libxt_connbytes stores an inverted range swapped (from > to), and prints it so.
+    opts["--connbytes"] = Option("--connbytes", (hi, lo) if o.negated else (lo, hi))
+    return opts
+
+
+def _connbytes_save(opts: Opts, ctx: Ctx) -> str:
+    lo, hi = opts["--connbytes"].value
+    neg = ""
+    if lo > hi:
+        neg, lo, hi = "! ", hi, lo
+    text = f"{neg}--connbytes {lo}" + (f":{hi}" if hi and hi < U64 else "")
+    return (f"{text} --connbytes-mode {opts['--connbytes-mode'].value} "
+            f"--connbytes-dir {opts['--connbytes-dir'].value}")
+
+
+CONNBYTES = Extension(
+    "connbytes", "match",
+    {"--connbytes": OptDef(_connbytes, True),
+     "--connbytes-dir": OptDef(_choice(_CONNBYTES_DIRS, "connbytes-dir")),
+     "--connbytes-mode": OptDef(_choice(_CONNBYTES_MODES, "connbytes-mode"))},
+    _connbytes_save, _connbytes_finalize,
+)
+
+
+def _nfacct_name(args: tuple[str, ...], ctx: Ctx) -> str:
+    if not args[0] or len(args[0]) > 31:  # NFACCT_NAME_MAX
+        raise fail(f"nfacct: bad name `{args[0]}' (1 to 31 characters)")
+    return args[0]
+
+
+NFACCT = Extension("nfacct", "match", {"--nfacct-name": OptDef(_nfacct_name)},
+                   lambda o, c: f"--nfacct-name {o['--nfacct-name'].value}",
+                   _need("--nfacct-name", "nfacct"))
+
+
+# ---- physdev, policy ---------------------------------------------------------------------------
+
+def _physdev_if(args: tuple[str, ...], ctx: Ctx) -> str:
+    if len(args[0]) > 15:
+        raise fail(f"interface name `{args[0]}' must be shorter than IFNAMSIZ (16)")
+    return args[0]
+
+
+def _physdev_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if not opts:
+        raise fail("PHYSDEV: no physdev option specified")
+    return opts  # --physdev-out at OUTPUT is refused at commit (ir/checks.py)
+
+
+_PHYSDEV_ORDER = ("--physdev-is-in", "--physdev-in", "--physdev-is-out", "--physdev-out",
+                  "--physdev-is-bridged")
+
+
+def _physdev_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    for name in _PHYSDEV_ORDER:
+        o = opts.get(name)
+        if o is not None:
+            out.append(f"{_neg(o)}{name}" + (f" {o.value}" if o.value is not True else ""))
+    return " ".join(out)
+
+
+PHYSDEV = Extension(
+    "physdev", "match",
+    {"--physdev-in": OptDef(_physdev_if, True), "--physdev-out": OptDef(_physdev_if, True),
+     **{n: OptDef(None, True) for n in ("--physdev-is-in", "--physdev-is-out",
+                                        "--physdev-is-bridged")}},
+    _physdev_save, _physdev_finalize,
+)
+
+POLICY_MAX_ELEM = 4  # XT_POLICY_MAX_ELEM
+_POLICY_PROTOS = {50: "esp", 51: "ah", 108: "ipcomp"}
+_POLICY_ELEM = ("--reqid", "--spi", "--proto", "--mode", "--tunnel-dst", "--tunnel-src")
+
+
+def _policy_choice(values: tuple[str, ...], what: str) -> Parser:
+    def p(s: str, ctx: Ctx) -> str:
+        if s not in values:
+            raise fail(f"policy match: invalid {what} \"{s}\"")
+        return s
+    return _one(p)
+
+
+def _policy_proto(args: tuple[str, ...], ctx: Ctx) -> int:
+    try:
+        n = parse_proto(args[0])
+    except ValueError_:
+        n = -1
+    if n not in _POLICY_PROTOS:
+        raise fail("policy match: protocol must be ah/esp/ipcomp")
+    return n
+
+
+def _policy_addr(args: tuple[str, ...], ctx: Ctx) -> Prefix:
+    # The address is kept as written (the kernel masks when it compares).
+    p = parse_prefix(args[0], ctx.bits)
+    return Prefix(parse_address(args[0].partition("/")[0], ctx.bits), p.mask, p.bits)
+
+
+def _policy_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    """Split the options into elements at each --next (`OPT#N` keys are repetitions)."""
+    head: Opts = {}
+    elems: list[Opts] = [{}]
+    for o in opts.values():
+        if o.name == "--next":
+            if "--strict" not in head:
+                raise fail("policy match: --next needs --strict")
+            elems.append({})
+        elif o.name in _POLICY_ELEM:
+            if o.name in elems[-1]:
+                raise fail(f"policy match: double {o.name} option")
+            elems[-1][o.name] = o
+        else:
+            if o.name in head:
+                raise fail(f"policy: option \"{o.name}\" can only be used once.")
+            head[o.name] = o
+    if "--dir" not in head:
+        raise fail("policy match: neither --dir in nor --dir out specified")
+    # The hooks each --dir allows are checked at commit (ir/checks.py).
+    pol = head["--pol"].value if "--pol" in head else "ipsec"
+    if pol == "none":
+        if "--strict" in head:
+            raise fail("policy match: policy none but --strict given")
+        if len(elems) > 1 or elems[0]:
+            raise fail("policy match: policy none but policy given")
+        elems = []
+    if len(elems) > POLICY_MAX_ELEM:
+        raise fail("policy match: too many policy elements")
+    for i, e in enumerate(elems):
+        if "--strict" in head and not e:
+            raise fail(f"policy match: empty policy element {i}. --strict is in effect, but "
+                       "at least one of reqid, spi, tunnel-src, tunnel-dst, proto or mode is "
+                       "required.")
+        mode = e.get("--mode")
+        tunnel = mode is not None and (mode.value == "tunnel") != mode.negated
+        if ("--tunnel-src" in e or "--tunnel-dst" in e) and not tunnel:
+            raise fail("policy match: --tunnel-src/--tunnel-dst is only valid in tunnel mode")
+    return {"--dir": head["--dir"], "--pol": Option("--pol", pol),
+            **({"--strict": head["--strict"]} if "--strict" in head else {}),
+            # The elements in order, each a tuple of its options, kept under the option
+            # that separates them.
+            "--next": Option("--next", tuple(tuple(e.values()) for e in elems))}
+
+
+def _policy_addr_text(p: Prefix) -> str:
+    # xtables' mask printing: nothing for a host mask or a non-contiguous one.
+    n = p.length
+    addr = format_address(p.addr, p.bits)
+    return addr if n is None or n == p.bits else f"{addr}/{n}"
+
+
+def _policy_save(opts: Opts, ctx: Ctx) -> str:
+    out = [f"--dir {opts['--dir'].value} --pol {opts['--pol'].value}"]
+    if "--strict" in opts:
+        out.append("--strict")
+    elems = opts["--next"].value
+    for i, elem in enumerate(elems):
+        e = {o.name: o for o in elem}
+        for name in _POLICY_ELEM:
+            o = e.get(name)
+            if o is None:
+                continue
+            v = o.value
+            text = (f"0x{v:x}" if name == "--spi" else _POLICY_PROTOS[v] if name == "--proto"
+                    else _policy_addr_text(v) if isinstance(v, Prefix) else str(v))
+            out.append(f"{_neg(o)}{name} {text}")
+        if i + 1 < len(elems):
+            out.append("--next")
+    return " ".join(out)
+
+
+POLICY = Extension(
+    "policy", "match",
+    {"--dir": OptDef(_policy_choice(("in", "out"), "direction")),
+     "--pol": OptDef(_policy_choice(("none", "ipsec"), "policy")),
+     "--strict": OptDef(None), "--next": OptDef(None),
+     "--reqid": OptDef(_uint(U32, "reqid"), True), "--spi": OptDef(_uint(U32, "spi"), True),
+     "--proto": OptDef(_policy_proto, True),
+     "--mode": OptDef(_policy_choice(("tunnel", "transport"), "mode"), True),
+     "--tunnel-src": OptDef(_policy_addr, True), "--tunnel-dst": OptDef(_policy_addr, True)},
+    _policy_save, _policy_finalize,
+    repeatable=frozenset({"--next", *_POLICY_ELEM}),
+)
+
+
+# ---- socket, cgroup, connlabel, osf ----------------------------------------------------------
+
+_SOCKET_FLAGS = ("--transparent", "--nowildcard", "--restore-skmark")
+SOCKET = Extension("socket", "match", {n: OptDef(None) for n in _SOCKET_FLAGS},
+                   lambda o, c: " ".join(n for n in _SOCKET_FLAGS if n in o))
+
+
+def _cgroup_path(args: tuple[str, ...], ctx: Ctx) -> str:
+    if len(args[0]) >= 4096:  # XT_CGROUP_PATH_MAX
+        raise fail("cgroup: path too long")
+    return args[0]
+
+
+def _cgroup_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if "--path" in opts and "--cgroup" in opts:
+        raise fail("cgroup: option \"--path\" cannot be used together with \"--cgroup\"")
+    _require(opts, "--path", "--cgroup", msg="cgroup: one of --path or --cgroup is required")
+    return opts
+
+
+def _cgroup_save(opts: Opts, ctx: Ctx) -> str:
+    o = opts.get("--path")
+    if o is not None:
+        return f"{_neg(o)}--path {save_string(str(o.value))}"
+    o = opts["--cgroup"]
+    return f"{_neg(o)}--cgroup {o.value}"
+
+
+CGROUP = Extension(
+    "cgroup", "match",
+    {"--path": OptDef(_cgroup_path, True), "--cgroup": OptDef(_uint(U32, "classid"), True)},
+    _cgroup_save, _cgroup_finalize,
+)
+
+CONNLABEL_MAXBIT = 127  # XT_CONNLABEL_MAXBIT
+
+
+def _connlabel(args: tuple[str, ...], ctx: Ctx) -> int:
+    try:
+        n = parse_uint(args[0], U32, "label")
+    except ValueError_:
+        raise fail(f"label '{args[0]}' not found (names from /etc/xtables/connlabel.conf "
+                   "are not resolved; use the bit number)") from None
+    if n > CONNLABEL_MAXBIT:
+        raise fail(f"connlabel: label {n} is out of range (0-{CONNLABEL_MAXBIT})")
+    return n
+
+
+def _connlabel_save(opts: Opts, ctx: Ctx) -> str:
+    o = opts["--label"]
+    return f"{_neg(o)}--label \"{o.value}\"" + (" --set" if "--set" in opts else "")
+
+
+CONNLABEL = Extension(
+    "connlabel", "match", {"--label": OptDef(_connlabel, True), "--set": OptDef(None)},
+    _connlabel_save, _need("--label", "connlabel"),
+)
+
+
+def _osf_save(opts: Opts, ctx: Ctx) -> str:
+    o = opts["--genre"]
+    out = [f"{_neg(o)}--genre {o.value}"]
+    out += [f"{n} {opts[n].value}" for n in ("--ttl", "--log") if n in opts]
+    return " ".join(out)
+
+
+OSF = Extension(
+    "osf", "match",
+    {"--genre": OptDef(_one(lambda s, c: s[:31]), True), "--ttl": OptDef(_uint(2, "ttl")),
+     "--log": OptDef(_uint(2, "log level"))},
+    _osf_save, _need("--genre", "osf"), families=frozenset({4}),
+)
+
+
+# ---- ipcomp -------------------------------------------------------------------------------------
+
+def _u32_range_kept(args: tuple[str, ...], ctx: Ctx) -> PortRange:
+    # XTTYPE_UINT32RC as libxt_ipcomp keeps it: open ends 0 and 2^32-1, a reversed range
+    # as written (it matches nothing).
+    a, colon, b = args[0].partition(":")
+    lo = parse_uint(a, U32) if a else 0
+    if not colon:
+        return PortRange(lo, lo)
+    return PortRange(lo, parse_uint(b, U32) if b else U32)
+
+
+def _ipcomp_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    o = opts.get("--ipcompspi")
+    # The whole range is left out even when negated (comp_save).
+    if o is not None and (o.value.lo, o.value.hi) != (0, U32):
+        r = o.value
+        out.append(f"{_neg(o)}--ipcompspi " + (f"{r.lo}" if r.lo == r.hi else f"{r.lo}:{r.hi}"))
+    if "--compres" in opts:
+        out.append("--compres")
+    return " ".join(out)
+
+
+def _ipcomp_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    # Without --ipcompspi the SPI range stays 0:0 (only SPI 0), and iptables-save says so.
+    opts.setdefault("--ipcompspi", Option("--ipcompspi", PortRange(0, 0)))
+    return opts
+
+
+IPCOMP = Extension("ipcomp", "match", {"--ipcompspi": OptDef(_u32_range_kept, True),
+                                       "--compres": OptDef(None)}, _ipcomp_save,
+                   _ipcomp_finalize)
+
+
+# ---- srh, hbh, dst (IPv6 extension headers) -----------------------------------------------------
+
+# Each comparison group shares one field of struct ip6t_srh: the last value given wins.
+_SRH_GROUPS = {"hdr-len": ("--srh-hdr-len-eq", "--srh-hdr-len-gt", "--srh-hdr-len-lt"),
+               "segs-left": ("--srh-segs-left-eq", "--srh-segs-left-gt", "--srh-segs-left-lt"),
+               "last-entry": ("--srh-last-entry-eq", "--srh-last-entry-gt",
+                              "--srh-last-entry-lt")}
+_SRH_SIDS = ("--srh-psid", "--srh-nsid", "--srh-lsid")
+
+
+def _srh_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    o = opts.get("--srh-next-hdr")
+    if o is not None:
+        out.append(f"{_neg(o)}--srh-next-hdr {o.value}")
+    for names in _SRH_GROUPS.values():
+        given = [n for n in opts if n in names]
+        for name in names:
+            if name in opts:
+                out.append(f"{_neg(opts[name])}{name} {opts[given[-1]].value}")
+    o = opts.get("--srh-tag")
+    if o is not None:
+        out.append(f"{_neg(o)}--srh-tag {o.value}")
+    for name in _SRH_SIDS:
+        o = opts.get(name)
+        if o is not None:
+            out.append(f"{_neg(o)}{name} {_ntop6(o.value.addr)}/{o.value.length}")
+    return " ".join(out)
+
+
+def _sid(args: tuple[str, ...], ctx: Ctx) -> Prefix:
+    p = parse_prefix(args[0], 128)
+    if p.length is None:
+        raise fail(f"srh: invalid mask in `{args[0]}'")
+    return Prefix(parse_address(args[0].partition("/")[0], 128), p.mask, 128)
+
+
+SRH = Extension(
+    "srh", "match",
+    {"--srh-next-hdr": OptDef(_uint(255), True),
+     **{n: OptDef(_uint(255), True) for g in _SRH_GROUPS.values() for n in g},
+     "--srh-tag": OptDef(_uint(65535), True), **{n: OptDef(_sid, True) for n in _SRH_SIDS}},
+    _srh_save, families=frozenset({6}),
+)
+
+OPTS_MAX = 16  # IP6T_OPTS_OPTSNR
+
+
+def _strtoul(s: str, what: str) -> int:
+    """strtoul(s, &end, 0) that must consume everything and read at least one digit."""
+    m = re.fullmatch(r"\s*\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", s)
+    if m is None:
+        raise fail(f"no valid digits in {what} `{s}'" if not s else f"error parsing {what} `{s}'")
+    t = m.group(1)
+    return int(t, 16 if t[:2].lower() == "0x" else 8 if t.startswith("0") else 10)
+
+
+def _ip6_opts(args: tuple[str, ...], ctx: Ctx) -> tuple[tuple[int, int | None], ...]:
+    """libip6t_hbh/dst parse_options: `TYPE[:LEN],...`, each number truncated to a byte; a
+    length of 255 is the same as none (print_options leaves it out)."""
+    parts = args[0].split(",")
+    out: list[tuple[int, int | None]] = []
+    for i, part in enumerate(parts):
+        if i == OPTS_MAX:
+            raise fail("too many addresses specified")
+        t, colon, length = part.partition(":")
+        if colon and i == OPTS_MAX - 1:
+            raise fail("too many ports specified")
+        kind = _strtoul(t, "opt") & 0xFF
+        if colon and kind == 0:
+            raise fail("PAD0 has not got length")
+        n = _strtoul(length, "length") & 0xFF if colon else 0xFF
+        out.append((kind, None if n == 0xFF else n))
+    return tuple(out)
+
+
+def _opts_ext(name: str) -> Extension:
+    length, options = f"--{name}-len", f"--{name}-opts"
+
+    def save(opts: Opts, ctx: Ctx) -> str:
+        out = []
+        o = opts.get(length)
+        if o is not None:
+            out.append(f"{_neg(o)}{length} {o.value}")
+        o = opts.get(options)
+        if o is not None:
+            out.append(f"{options} " + ",".join(f"{t}" + (f":{n}" if n is not None else "")
+                                                for t, n in o.value))
+        return " ".join(out)
+
+    return Extension(name, "match", {length: OptDef(_uint(U32, "length"), True),
+                                     options: OptDef(_ip6_opts)},
+                     save, families=frozenset({6}))
+
+
+HBH = _opts_ext("hbh")
+DST = _opts_ext("dst")
+
+
 MATCHES: dict[str, Extension] = {
     e.name: e for e in (TCP, UDP, SCTP, ICMP, ICMP6, CONNTRACK, STATE, MULTIPORT, COMMENT, LIMIT,
                         MARK_M, CONNMARK_M, ADDRTYPE, IPRANGE, LENGTH, PKTTYPE, MAC, TTL_M,
                         HL_M, TOS_M, DSCP_M, RECENT, STATISTIC, CONNLIMIT, OWNER, TCPMSS_M,
                         RPFILTER, SET, HASHLIMIT, RT, FRAG_M,
-                        IPV6HEADER, ESP, AH, MH, QUOTA, CPU, HELPER, EUI64)
+                        IPV6HEADER, ESP, AH, MH, QUOTA, CPU, HELPER, EUI64,
+                        ECN, DCCP, TIME, STRING, U32_M, DEVGROUP, REALM, CONNBYTES, NFACCT,
+                        PHYSDEV, POLICY, SOCKET, CGROUP, CONNLABEL, OSF, SRH, HBH, DST,
+                        IPCOMP)
 }
 # Proto names that load a match implicitly (`-p tcp --dport 22` loads `-m tcp`).
-PROTO_MATCH = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmp6"}
+PROTO_MATCH = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmp6", 33: "dccp"}
 MATCH_ALIASES = {"icmpv6": "icmp6", "ipv6-icmp": "icmp6"}
 
 # Real iptables extensions this project does not support: refused by name.
 UNSUPPORTED_MATCHES = frozenset({
-    "u32", "string", "time", "physdev", "devgroup", "socket", "dccp",
-    "policy", "quota2", "realm", "osf", "cgroup", "connbytes",
-    "connlabel", "cluster", "bpf", "ipvs", "nfacct", "rateest", "geoip", "l2tp", "ecn",
-    "hbh", "dst", "srh", "condition", "account",
+    "quota2", "cluster", "bpf", "ipvs", "rateest", "geoip", "l2tp", "condition", "account",
     "addrtype6", "udplite", "statistic2", "set2", "ipp2p", "layer7", "tcpoptstrip",
 })

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 
 from bpfilter.codegen.uapi import NfHook
 
@@ -178,3 +179,71 @@ class Ruleset:
             if t.name == name and (family is None or t.family == family):
                 return t
         return None
+
+
+# ---- fast constructors --------------------------------------------------------------------
+# The parser builds 100,000s of rules and prefixes: a frozen dataclass's __init__ goes through
+# object.__setattr__ per field and keyword matching, several times slower than storing each
+# slot through its descriptor. The objects are the same (same class, every slot set, so
+# equality and hashing are the dataclass ones); the field order below is checked against the
+# dataclass at import, so adding a field fails loudly here instead of leaving a slot unset.
+
+_RULE_FIELDS = ("src", "src_neg", "dst", "dst_neg", "iif", "iif_neg", "oif", "oif_neg",
+                "proto", "proto_neg", "fragment", "matches", "target", "counters", "line",
+                "col")
+if tuple(f.name for f in fields(Rule)) != _RULE_FIELDS or \
+        tuple(f.name for f in fields(Prefix)) != ("addr", "mask", "bits"):
+    raise ImportError("ir/model.py: the fast constructors do not match the dataclass fields")
+
+
+def _rule_maker() -> Callable[..., Rule]:
+    (s_src, s_src_neg, s_dst, s_dst_neg, s_iif, s_iif_neg, s_oif, s_oif_neg, s_proto,
+     s_proto_neg, s_fragment, s_matches, s_target, s_counters, s_line, s_col) = (
+        Rule.__dict__[name].__set__ for name in _RULE_FIELDS)
+    new = object.__new__
+
+    def make_rule(src: Prefix | None, src_neg: bool, dst: Prefix | None, dst_neg: bool,
+                  iif: str | None, iif_neg: bool, oif: str | None, oif_neg: bool,
+                  proto: int | None, proto_neg: bool, fragment: bool | None,
+                  matches: tuple[Match, ...], target: Target | None,
+                  counters: tuple[int, int] | None, line: int, col: int) -> Rule:
+        r = new(Rule)
+        s_src(r, src)
+        s_src_neg(r, src_neg)
+        s_dst(r, dst)
+        s_dst_neg(r, dst_neg)
+        s_iif(r, iif)
+        s_iif_neg(r, iif_neg)
+        s_oif(r, oif)
+        s_oif_neg(r, oif_neg)
+        s_proto(r, proto)
+        s_proto_neg(r, proto_neg)
+        s_fragment(r, fragment)
+        s_matches(r, matches)
+        s_target(r, target)
+        s_counters(r, counters)
+        s_line(r, line)
+        s_col(r, col)
+        return r
+
+    return make_rule
+
+
+def _prefix_maker() -> Callable[[int, int, int], Prefix]:
+    s_addr, s_mask, s_bits = (Prefix.__dict__[name].__set__ for name in ("addr", "mask", "bits"))
+    new = object.__new__
+
+    def make_prefix(addr: int, mask: int, bits: int) -> Prefix:
+        p = new(Prefix)
+        s_addr(p, addr)
+        s_mask(p, mask)
+        s_bits(p, bits)
+        return p
+
+    return make_prefix
+
+
+make_rule = _rule_maker()
+make_rule.__doc__ = "Rule(...) with every field given positionally, in field order (faster)."
+make_prefix = _prefix_maker()
+make_prefix.__doc__ = "Prefix(addr, mask, bits), faster."

@@ -20,6 +20,7 @@ from bpfilter.ir.matches import (
     _tos_value,
     _uint,
     fail,
+    port16,
 )
 from bpfilter.ir.model import Option, Prefix
 from bpfilter.ir.values import (
@@ -518,9 +519,7 @@ def _host(args: tuple[str, ...], ctx: Ctx) -> int:
 
 
 def _ifname(args: tuple[str, ...], ctx: Ctx) -> str:
-    if len(args[0]) > 15:
-        raise fail(f"interface name `{args[0]}' must be shorter than IFNAMSIZ (16)")
-    return args[0]
+    return args[0][:15]  # XTTYPE_STRING into a 16-byte buffer: silently truncated
 
 
 def _tee_save(opts: Opts, ctx: Ctx) -> str:
@@ -556,7 +555,7 @@ def _tproxy_save(opts: Opts, ctx: Ctx) -> str:
 
 TPROXY = Extension(
     "TPROXY", "target",
-    {"--on-port": OptDef(_one(lambda s, c: parse_port(s))), "--on-ip": OptDef(_host),
+    {"--on-port": OptDef(_one(lambda s, c: port16(s))), "--on-ip": OptDef(_host),
      "--tproxy-mark": OptDef(_one(_mark))},
     _tproxy_save, _tproxy_finalize, tables=frozenset({"mangle"}),
 )
@@ -636,7 +635,7 @@ def _class(args: tuple[str, ...], ctx: Ctx) -> tuple[int, int]:
 CLASSIFY = Extension(
     "CLASSIFY", "target", {"--set-class": OptDef(_class)},
     lambda o, c: "--set-class {:04x}:{:04x}".format(*o["--set-class"].value),
-    _need("--set-class", "CLASSIFY"), tables=frozenset({"mangle"}),
+    _need("--set-class", "CLASSIFY"),
 )
 
 
@@ -739,7 +738,7 @@ LED = Extension(
 )
 
 _USEC = 1000000
-_TIME_UNITS = {"": _USEC, "s": _USEC, "sec": _USEC, "ms": 1000, "msec": 1000, "us": 1,
+_TIME_UNITS = {"": 1, "s": _USEC, "sec": _USEC, "ms": 1000, "msec": 1000, "us": 1,
                "usec": 1}
 
 
@@ -751,10 +750,9 @@ def _rateest_time(args: tuple[str, ...], ctx: Ctx) -> int:
 
 
 def _rateest_finalize(opts: Opts, ctx: Ctx) -> Opts:
-    for n in ("--rateest-name", "--rateest-interval", "--rateest-ewmalog"):
-        _need(n, "RATEEST")(opts, ctx)
-    interval = int(opts["--rateest-interval"].value)
-    ewmalog = int(opts["--rateest-ewmalog"].value)
+    _need("--rateest-name", "RATEEST")(opts, ctx)
+    interval = int(opts["--rateest-interval"].value) if "--rateest-interval" in opts else 0
+    ewmalog = int(opts["--rateest-ewmalog"].value) if "--rateest-ewmalog" in opts else 0
     # libxt_RATEEST's final check: the interval rounds up to 2^k/4 s (k in -2..3), the
     # ewma log is the first one whose time constant exceeds --rateest-ewmalog, minus one.
     for idx in range(6):
@@ -823,7 +821,9 @@ def _synproxy_save(opts: Opts, ctx: Ctx) -> str:
 SYNPROXY = Extension(
     "SYNPROXY", "target",
     {"--sack-perm": OptDef(None), "--timestamp": OptDef(None), "--ecn": OptDef(None),
-     "--wscale": OptDef(_uint(255, "wscale")), "--mss": OptDef(_uint(65535, "MSS"))},
+     # Parsed as u32 and stored in a u8 / u16, as libxt_SYNPROXY does.
+     "--wscale": OptDef(_one(lambda s, c: parse_uint(s, U32, "wscale") & 0xFF)),
+     "--mss": OptDef(_one(lambda s, c: parse_uint(s, U32, "MSS") & 0xFFFF))},
     _synproxy_save, _synproxy_finalize,
 )
 
@@ -832,7 +832,7 @@ TCPOPT_NAMES = {"wscale": 3, "mss": 2, "sack-permitted": 4, "sack": 5, "timestam
 
 
 def _strip_options(args: tuple[str, ...], ctx: Ctx) -> tuple[int, ...]:
-    out = set()
+    out: set[int] = set()
     for part in args[0].split(","):
         n = TCPOPT_NAMES.get(part)
         if n is None:
@@ -843,6 +843,8 @@ def _strip_options(args: tuple[str, ...], ctx: Ctx) -> tuple[int, ...]:
         # EOL and NOP cannot be stripped (xt_TCPOPTSTRIP refuses them).
         if n < 2:
             raise fail(f"TCPOPTSTRIP: option {n} (EOL/NOP) cannot be stripped")
+        if n in out:
+            raise fail(f"TCPOPTSTRIP: option {n} is given twice")
         out.add(n)
     return tuple(sorted(out))
 
@@ -885,14 +887,186 @@ ECN_T = Extension(
     _ecn_t_save, _ecn_t_finalize, families=frozenset({4}), tables=frozenset({"mangle"}),
 )
 
+# ---- SET ----------------------------------------------------------------------------------------
+
+_SET_SETS = ("--add-set", "--del-set", "--map-set")
+_SET_MAPS = ("--map-mark", "--map-prio", "--map-queue")
+
+
+def _set_target(args: tuple[str, ...], ctx: Ctx) -> tuple[str, str]:
+    # libxt_set: a set name of at most 31 characters; one to six directions, each read by
+    # its first three letters (`srcx` is src).
+    name, flags = args
+    dirs = [d[:3] for d in flags.split(",")]
+    if not name or len(name) > 31:
+        raise fail(f"Setname `{name}' is too long or empty")
+    if len(dirs) > 6:
+        raise fail("Too many binding directions: at most 6")
+    if not all(d in ("src", "dst") for d in dirs):
+        raise fail(f"You must specify (the comma separated list of) 'src' or 'dst' in "
+                   f"`{flags}'")
+    return name, ",".join(dirs)
+
+
+def _set_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if not any(n in opts for n in _SET_SETS):
+        raise fail("SET target: You must specify either `--add-set' or `--del-set' or "
+                   "`--map-set'")
+    if any(n in opts for n in _SET_MAPS) and "--map-set" not in opts:
+        raise fail("SET target: --map-mark, --map-prio and --map-queue need --map-set")
+    if "--map-set" in opts and not any(n in opts for n in _SET_MAPS):
+        raise fail("SET target: --map-set needs at least one of --map-mark, --map-prio or "
+                   "--map-queue")
+    # xt_SET checkentry: mapping only in the mangle table (priority and queue only at
+    # FORWARD, OUTPUT and POSTROUTING: ir/checks.py).
+    if "--map-set" in opts and ctx.table != "mangle":
+        raise fail("SET target: --map-set only usable from mangle table")
+    return opts
+
+
+def _set_save(opts: Opts, ctx: Ctx) -> str:
+    out = []
+    for name in ("--add-set", "--del-set"):
+        if name in opts:
+            out.append("{} {} {}".format(name, *opts[name].value))
+    if "--exist" in opts:
+        out.append("--exist")
+    if "--timeout" in opts:
+        out.append(f"--timeout {opts['--timeout'].value}")
+    if "--map-set" in opts:
+        out.append("--map-set {} {}".format(*opts["--map-set"].value))
+    out += [n for n in _SET_MAPS if n in opts]
+    return " ".join(out)
+
+
+SET_T = Extension(
+    "SET", "target",
+    {**{n: OptDef(_set_target) for n in _SET_SETS}, "--exist": OptDef(None),
+     "--timeout": OptDef(_uint(U32 - 1, "timeout")), **{n: OptDef(None) for n in _SET_MAPS}},
+    _set_save, _set_finalize,
+)
+
+# ---- HMARK ------------------------------------------------------------------------------------
+
+# --hmark-tuple types: the option each one stands for (its mask set to all ones).
+_HMARK_TYPES = {"src": "--hmark-src-prefix", "dst": "--hmark-dst-prefix",
+                "sport": "--hmark-sport-mask", "dport": "--hmark-dport-mask",
+                "spi": "--hmark-spi-mask", "proto": "--hmark-proto-mask", "ct": "ct"}
+# Printed in this order, each with its printf format.
+_HMARK_MASKS = (("--hmark-sport-mask", "0x{:04x}"), ("--hmark-dport-mask", "0x{:04x}"),
+                ("--hmark-spi-mask", "0x{:08x}"), ("--hmark-proto-mask", "0x{:02x}"))
+
+
+def _hmark_tuple(args: tuple[str, ...], ctx: Ctx) -> tuple[str, ...]:
+    s = args[0]
+    parts = s.split(",")
+    out = []
+    for i, part in enumerate(parts):
+        if part == "" and i == len(parts) - 1 and i > 0:
+            raise fail("\"--hmark-tuple\" requires a list of types with no spaces, e.g. "
+                       "src,dst,sport,dport,proto")
+        if part.lower() not in _HMARK_TYPES:
+            raise fail(f"Bad type \"{','.join(parts[i:])}\"")
+        out.append(part.lower())
+    return tuple(out)
+
+
+def _hmark_prefix(args: tuple[str, ...], ctx: Ctx) -> int:
+    # XTTYPE_PLENMASK: a length (up to 128 in both families; IPv4 keeps the first 32 bits)
+    # or a mask in address form (iptables 1.8.9 saves a non-contiguous one as a full length).
+    s = args[0]
+    if s.isdigit() and s.isascii():
+        n = int(s)
+        if n <= 128:
+            return min(n, ctx.bits)
+    else:
+        try:
+            mask = parse_address(s, ctx.bits)
+        except ValueError_:
+            mask = None
+        if mask is not None:
+            p = Prefix(0, mask, ctx.bits)
+            return p.length if p.length is not None else ctx.bits
+    raise fail(f"HMARK: bad value for option \"--hmark-src-prefix\", neither a valid network "
+               f"mask nor valid CIDR (0-{ctx.bits}).")
+
+
+def _hmark_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    """Options in command-line order: a tuple type sets its mask to all ones and claims the
+    option (given again later, it is refused as given twice)."""
+    out: Opts = {}
+    claimed: set[str] = set()
+    ct = False
+    for o in opts.values():
+        if o.name == "--hmark-tuple":
+            for t in o.value:
+                name = _HMARK_TYPES[t]
+                if name == "ct":
+                    ct = True
+                    continue
+                claimed.add(name)
+                full = ctx.bits if name.endswith("prefix") else (
+                    U32 if name == "--hmark-spi-mask" else 0xFFFF)
+                out[name] = Option(name, full)
+            continue
+        if o.name in claimed:
+            raise fail(f"HMARK: option \"{o.name}\" can only be used once.")
+        out[o.name] = o
+    if ct:
+        out["--hmark-tuple"] = Option("--hmark-tuple", ("ct",))
+    if "--hmark-mod" not in out:
+        raise fail("--hmark-mod is mandatory")
+    if "--hmark-rnd" not in out:
+        raise fail("--hmark-rnd is mandatory")
+    if not ct and not any(n in out for n in _HMARK_TYPES.values()):
+        raise fail("you have to specify --hmark-tuple at least")
+    if "--hmark-spi-mask" in out and ("--hmark-sport-mask" in out or "--hmark-dport-mask" in out):
+        raise fail("you cannot use --hmark-spi-mask and --hmark-?port-mask,at the same time")
+    return out
+
+
+def _hmark_save(opts: Opts, ctx: Ctx) -> str:
+    out = [f"{n} {opts[n].value}" for n in ("--hmark-src-prefix", "--hmark-dst-prefix")
+           if n in opts]
+    out += [f"{n} " + fmt.format(opts[n].value) for n, fmt in _HMARK_MASKS if n in opts]
+    out.append(f"--hmark-rnd 0x{opts['--hmark-rnd'].value:08x}")
+    out.append(f"--hmark-mod {opts['--hmark-mod'].value}")
+    if "--hmark-offset" in opts:
+        out.append(f"--hmark-offset {opts['--hmark-offset'].value}")
+    if "--hmark-tuple" in opts:
+        out.append("--hmark-tuple ct")
+    return " ".join(out)
+
+
+def _hmark_mod(args: tuple[str, ...], ctx: Ctx) -> int:
+    n = parse_uint(args[0], U32, "modulus")
+    if n == 0:
+        raise fail("HMARK: bad value for option \"--hmark-mod\", or out of range "
+                   "(1-4294967295).")
+    return n
+
+
+HMARK = Extension(
+    "HMARK", "target",
+    {"--hmark-tuple": OptDef(_hmark_tuple), "--hmark-src-prefix": OptDef(_hmark_prefix),
+     "--hmark-dst-prefix": OptDef(_hmark_prefix),
+     "--hmark-sport-mask": OptDef(_uint(0xFFFF, "mask")),
+     "--hmark-dport-mask": OptDef(_uint(0xFFFF, "mask")),
+     "--hmark-spi-mask": OptDef(_uint(U32, "mask")),
+     "--hmark-proto-mask": OptDef(_uint(0xFFFF, "mask")),
+     "--hmark-rnd": OptDef(_uint(U32, "random")), "--hmark-mod": OptDef(_hmark_mod),
+     "--hmark-offset": OptDef(_uint(U32, "offset"))},
+    _hmark_save, _hmark_finalize,
+)
+
 TARGETS: dict[str, Extension] = {
     e.name: e for e in (REJECT, LOG, NFLOG, MARK_T, CONNMARK_T, CT, NOTRACK, DNAT, SNAT,
                         MASQUERADE, REDIRECT, DSCP_T, TOS_T, TTL_T, HL_T, TCPMSS_T, CHECKSUM,
                         NFQUEUE, QUEUE, TRACE, TEE, TPROXY, NETMAP, DNPT, SNPT, AUDIT,
                         CLASSIFY, CONNSECMARK, SECMARK, IDLETIMER, LED, RATEEST, SYNPROXY,
-                        TCPOPTSTRIP, ECN_T)
+                        TCPOPTSTRIP, ECN_T, SET_T, HMARK)
 }
 VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN"})
 UNSUPPORTED_TARGETS = frozenset({
-    "SET", "ULOG", "CLUSTERIP", "HMARK", "CONNLOG", "JOOL", "FULLCONENAT",
+    "ULOG", "CLUSTERIP", "CONNLOG", "JOOL", "FULLCONENAT",
 })

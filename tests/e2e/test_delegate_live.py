@@ -212,3 +212,29 @@ def test_single_commands_on_a_delegated_table(new_ns: Callable[[], str]) -> None
     r = run("bpfilter-iptables", "--netns", ns, "-t", "nat", "-A", "POSTROUTING", "-j",
             "ACCEPT")
     assert r.returncode != 0 and "cannot be compiled" in r.stderr
+
+
+def test_flush_empties_the_delegated_tables(new_ns: Callable[[], str]) -> None:
+    """`bpfilter flush` removes what bpfilter loaded, delegated tables included: their rules
+    and user chains go and their policies become ACCEPT (a legacy table cannot be removed);
+    a table bpfilter did not create is left alone."""
+    ns = new_ns()
+    mangle = MANGLE.replace(":INPUT ACCEPT", ":INPUT DROP")
+    r = run("bpfilter-restore", "--netns", ns, "--delegate", "nat,mangle",
+            stdin=FILTER + NAT + mangle)
+    assert r.returncode == 0, r.stderr
+    foreign = legacy(ns, "ip6tables-legacy-restore",
+                     stdin="*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n"
+                     ":OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
+                     "-A POSTROUTING -o veth+ -j MASQUERADE\nCOMMIT\n")
+    assert foreign.returncode == 0, foreign.stderr
+    r = run("bpfilter", "flush", "--netns", ns)
+    assert r.returncode == 0, r.stderr
+    assert "emptied ip-nat" in r.stdout and "emptied ip-mangle" in r.stdout
+    saved = tables(legacy(ns, "iptables-legacy-save").stdout)
+    for name in ("nat", "mangle"):
+        text = saved[name]
+        assert "-A " not in text and " DROP " not in text, text
+    assert "-A POSTROUTING -o veth+ -j MASQUERADE" in legacy(ns, "ip6tables-legacy-save").stdout
+    again = run("bpfilter", "flush", "--netns", ns)
+    assert again.returncode == 0 and "emptied" not in again.stdout

@@ -495,3 +495,100 @@ def test_default_icmp_rate_limits_match(family: int) -> None:
         want = _burst(ipt, family, packets)
         assert want == rr.XRLIM_BURST_FACTOR
         assert _burst(ours, family, packets) == want
+
+
+# --- checksums: no reply to a corrupt packet --------------------------------------------------
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_SRXCSUM = 0x15  # legacy command: NETIF_F_RXCSUM on or off
+
+
+def _rx_checksum_off(ns: str, ifname: str) -> None:
+    """Turn off a veth's receive checksum offload, so frames from a raw socket arrive as
+    CHECKSUM_NONE (veth_xmit otherwise marks them CHECKSUM_UNNECESSARY) and the kernel
+    checks their checksums where REJECT asks it to."""
+    import array
+    import fcntl
+
+    value = array.array("I", [ETHTOOL_SRXCSUM, 0])
+    addr, _ = value.buffer_info()
+    ifreq = struct.pack("16sP", ifname.encode(), addr)
+    with netns.entered(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
+
+
+def _corrupt(family: int, packet: bytes) -> bytes:
+    """``packet`` with its transport checksum off by one."""
+    hdr = 20 if family == 4 else 40
+    at = hdr + {6: 16, 17: 6, 1: 2, 58: 2}[packet[9] if family == 4 else packet[6]]
+    value = struct.unpack_from("!H", packet, at)[0] ^ 0x0100
+    return packet[:at] + struct.pack("!H", value) + packet[at + 2:]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_corrupt_packets_get_no_reply(family: int) -> None:
+    with _pairs() as (ipt, ours):
+        for p in (ipt, ours):
+            _sysctls(p.a)
+            _sysctls(p.b)
+            _rx_checksum_off(p.b, p.if_b)
+        restore = "ip6tables-legacy-restore" if family == 6 else "iptables-legacy-restore"
+        r = subprocess.run(["ip", "netns", "exec", ipt.b, restore], input=ruleset(family),
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        if r.returncode != 0:
+            pytest.skip(f"{restore} unavailable: {r.stderr.strip()}")
+        tool = "bpfilter6-restore" if family == 6 else "bpfilter-restore"
+        r = subprocess.run([str(BIN / tool), "--netns", ours.b], input=ruleset(family),
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        a, b = (ipt.ipv4_a, ipt.ipv4_b) if family == 4 else (ipt.ipv6_a, ipt.ipv6_b)
+        for kind, port, flags in (("udp", UDP_BASE + 3, 0), ("tcp", TCP_RESET_PORT, 0x02),
+                                  ("tcp", TCP_ICMP_PORT, 0x02), ("icmp", 0, 0)):
+            good = probe(family, kind, a, b, port, flags)
+            bad = _corrupt(family, good)
+            assert len(exchange(ipt, family, good)) == 1, (kind, port)
+            assert [masked(family, g) for g in exchange(ours, family, good)] == \
+                [masked(family, w) for w in exchange(ipt, family, good)]
+            assert exchange(ipt, family, bad) == [], (kind, port)
+            assert exchange(ours, family, bad) == [], (kind, port)
+
+
+def test_reset_ttl_ignores_a_local_route_hoplimit() -> None:
+    """nf_send_reset takes the TTL of the original's route; a local delivery's input route
+    carries no metrics, so a hoplimit on the local route does not show (a forwarded
+    packet's does: test_forward_reset_ttl_follows_the_route_hoplimit)."""
+    with _pairs() as (ipt, ours):
+        for p in (ipt, ours):
+            testbed.run(p.b, ["ip", "route", "replace", "local", p.ipv4_b, "dev", p.if_b,
+                              "table", "local", "hoplimit", "33"])
+        r = subprocess.run(["ip", "netns", "exec", ipt.b, "iptables-legacy-restore"],
+                           input=ruleset(4), capture_output=True, text=True, timeout=TIMEOUT)
+        if r.returncode != 0:
+            pytest.skip(f"iptables-legacy-restore unavailable: {r.stderr.strip()}")
+        r = subprocess.run([str(BIN / "bpfilter-restore"), "--netns", ours.b], input=ruleset(4),
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        reply = _compare((ipt, ours), 4, probe(4, "tcp", ipt.ipv4_a, ipt.ipv4_b,
+                                               TCP_RESET_PORT))
+        assert reply[8] == 64
+
+
+def test_forward_reset_ttl_follows_the_route_hoplimit() -> None:
+    s1 = testbed.random_subnet()
+    s2 = testbed.Subnet((s1.index + 1) % testbed.SUBNETS)
+    text = FORWARD_RULES.format(other="icmp-net-prohibited")
+    with _routed(s1, s2) as (ipt, _), _routed(s1, s2) as (ours, _):
+        for p in (ipt, ours):
+            testbed.run(p.b, ["ip", "route", "replace", f"{s2.ipv4(0)}/24", "dev", "veth-a",
+                              "hoplimit", "33"])
+        r = subprocess.run(["ip", "netns", "exec", ipt.b, "iptables-legacy-restore"],
+                           input=text, capture_output=True, text=True, timeout=TIMEOUT)
+        if r.returncode != 0:
+            pytest.skip(f"iptables-legacy-restore unavailable: {r.stderr.strip()}")
+        r = subprocess.run([str(BIN / "bpfilter-restore"), "--netns", ours.b], input=text,
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        reply = _compare((ipt, ours), 4, probe(4, "tcp", s1.ipv4(1), s2.ipv4(2), 4001))
+        assert reply[8] == 33

@@ -1,5 +1,5 @@
-"""IPv6 extension header matches, `-m rt` (routing header), `-m frag` (fragment header) and
-`-m ipv6header` (which headers a packet has):
+"""IPv6 extension header matches, `-m rt` (routing header), `-m frag` (fragment header),
+`-m hbh` and `-m dst` (options headers) and `-m ipv6header` (which headers a packet has):
 BPF_PROG_TEST_RUN verdicts for crafted packets, and the same packets through ip6tables-legacy
 in a throwaway namespace as the reference (match, no match or hot drop, seen in the rule
 counters)."""
@@ -206,7 +206,64 @@ V6H_CASES = [(f"-m ipv6header {rule}",
               _v6h_expect(flags, rule.startswith("!"), rule.endswith("--soft")))
              for rule, flags in V6H_RULES]
 CASES += V6H_CASES
-PACKET_CASES = [(rule, p, want) for rule, packets in CASES for p, want in packets]
+
+
+def opts_header(kind: int, body: bytes, units: int | None = None,
+                cut: int | None = None) -> tuple[int, bytes]:
+    """A hop-by-hop or destination options header holding the option bytes ``body`` (padded
+    with zeros, Pad1, to whole 8-byte units; ``units`` overrides the length field)."""
+    size = -(-(len(body) + 2) // 8) * 8
+    data = bytes([0, size // 8 - 1 if units is None else units]) + body.ljust(size - 2, b"\0")
+    return kind, data if cut is None else data[:cut]
+
+
+PADN4 = b"\x01\x04\0\0\0\0"  # PadN filling 6 bytes
+# (ipv6_parse_hopopts, before PREROUTING, drops a hop-by-hop header with more than 7 bytes of
+# padding in a row)
+RTALERT = b"\x05\x02\0\0"  # router alert (MLD) then Pad1 Pad1
+OPTS_CASES: list[tuple[str, list[tuple[bytes, str]]]] = [
+    ("-m hbh",
+     [(ip6(opts_header(HOP, PADN4)), MATCH), (ip6(), NOMATCH),
+      (ip6(options(DEST)), NOMATCH)]),
+    ("-m hbh --hbh-len 8",
+     [(ip6(opts_header(HOP, PADN4)), MATCH), (ip6(opts_header(HOP, RTALERT + PADN4 + RTALERT)),
+                                              NOMATCH)]),
+    ("-m hbh ! --hbh-len 8",
+     [(ip6(opts_header(HOP, PADN4)), NOMATCH), (ip6(opts_header(HOP, RTALERT + PADN4 + RTALERT)),
+                                                MATCH), (ip6(), NOMATCH)]),
+    ("-m hbh --hbh-opts 1:4", [(ip6(opts_header(HOP, PADN4)), MATCH),
+                               (ip6(opts_header(HOP, RTALERT)), NOMATCH)]),
+    ("-m hbh --hbh-opts 1", [(ip6(opts_header(HOP, PADN4)), MATCH)]),
+    ("-m hbh --hbh-opts 1:3", [(ip6(opts_header(HOP, PADN4)), NOMATCH)]),
+    ("-m hbh --hbh-opts 5:2,0,0", [(ip6(opts_header(HOP, RTALERT)), MATCH),
+                                   (ip6(opts_header(HOP, PADN4)), NOMATCH)]),
+    # the list goes past the header: no match
+    ("-m hbh --hbh-opts 5:2,0,0,0", [(ip6(opts_header(HOP, RTALERT)), NOMATCH)]),
+    ("-m hbh --hbh-len 8 --hbh-opts 1:4", [(ip6(opts_header(HOP, PADN4)), MATCH)]),
+    ("-m dst",
+     [(ip6(options(DEST)), MATCH), (ip6(routing(2), options(DEST)), MATCH),
+      (ip6(opts_header(HOP, PADN4)), NOMATCH),
+      (ip6(fragment(8), options(DEST)), NOMATCH),
+      # shorter than its length field, unreadable: hot drop
+      (ip6(opts_header(DEST, PADN4, units=1), upper=NONE, payload=b""), HOTDROP),
+      (ip6((DEST, b"\0"), upper=NONE, payload=b""), HOTDROP)]),
+    ("-m dst --dst-opts 0,0,0,0,0,0", [(ip6(opts_header(DEST, bytes(6))), MATCH)]),
+    ("-m dst --dst-opts 0,0,0,0,0,0,0", [(ip6(opts_header(DEST, bytes(6))), NOMATCH)]),
+    # an option running past the header: fine for the last one of the list, not before
+    ("-m dst --dst-opts 1", [(ip6(opts_header(DEST, b"\x01\x08" + bytes(4))), MATCH)]),
+    ("-m dst --dst-opts 1,0", [(ip6(opts_header(DEST, b"\x01\x08" + bytes(4))), NOMATCH)]),
+    # a length byte past the header: no match
+    ("-m dst --dst-opts 0,0,0,0,0,1", [(ip6(opts_header(DEST, bytes(5) + b"\x01")), NOMATCH)]),
+    ("-m dst --dst-len 16 --dst-opts 1",
+     [(ip6(opts_header(DEST, b"\x01\x08" + bytes(4))), NOMATCH),
+      (ip6(opts_header(DEST, PADN4 + PADN4)), MATCH), (ip6(opts_header(DEST, PADN4)), NOMATCH)]),
+    ("-m dst --dst-opts 1:4 -m hbh --hbh-opts 5",
+     [(ip6(opts_header(HOP, RTALERT), opts_header(DEST, PADN4)), MATCH),
+      (ip6(opts_header(HOP, PADN4), opts_header(DEST, PADN4)), NOMATCH)]),
+]
+# hbh and dst compile at the netfilter hooks only: kept out of CASES, which the XDP/TC
+# flavour tests (tests/kernel/test_flavor_verdicts.py) run too.
+NETFILTER_CASES = CASES + OPTS_CASES
 
 
 def ruleset(rule: str, target: str, policy: str, table: str = "filter",
@@ -233,7 +290,8 @@ def outcomes(rule: str, packets: list[bytes], *, table: str = "filter",
     return out
 
 
-@pytest.mark.parametrize(("rule", "expected"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("rule", "expected"), NETFILTER_CASES,
+                         ids=[c[0] for c in NETFILTER_CASES])
 def test_rt_verdicts(rule: str, expected: list[tuple[bytes, str]]) -> None:
     got = outcomes(rule, [p for p, _ in expected])
     assert got == [w for _, w in expected]
@@ -316,7 +374,7 @@ def _iptables_outcome(ns: str, mac: bytes, packet: bytes) -> str:
 def test_rt_agrees_with_ip6tables_legacy(wire: tuple[str, bytes]) -> None:
     ns, mac = wire
     mismatches = []
-    for rule, packets in CASES:
+    for rule, packets in NETFILTER_CASES:
         if "-p udp" in rule:
             continue  # needs a UDP checksum; covered above
         text = "\n".join(["*raw", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
@@ -356,3 +414,23 @@ def test_ufw6_dump_prints_as_ip6tables_legacy_save(shared_dir: Path) -> None:
         testbed.delete(ns)
     assert "-m rt --rt-type 0" in want
     assert _tables(to_iptables_save(parse_restore(text, family=6))) == _tables(want)
+
+
+def test_every_extension_header_match_together_in_nested_chains_loads() -> None:
+    # The prologue's facts live on the main program's stack, which the verifier adds to the
+    # frames of the chain functions called from it (at most 512 bytes in all): the deepest
+    # nesting with every IPv6 walk of this module, conntrack, TCP options and a stateful match.
+    rules = ["-m rt --rt-type 0", "-m frag --fragmore", "-m hbh --hbh-opts 1,5:2",
+             "-m dst --dst-len 8 --dst-opts 0,1", "-m ipv6header --header hop,dst --soft",
+             "-p tcp --tcp-option 2", "-m conntrack --ctstate NEW", "-m limit --limit 5/s"]
+    depth = 4
+    lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+             *[f":c{i} - [0:0]" for i in range(depth)], "-A INPUT -j c0"]
+    for i in range(depth):
+        lines += [f"-A c{i} {r} -j RETURN" for r in rules]
+        if i + 1 < depth:
+            lines.append(f"-A c{i} -j c{i + 1}")
+    lines += ["-A c3 -m rt --rt-type 0 -j DROP", "COMMIT", ""]
+    with loader.TestRunner(compile_ruleset(parse_restore("\n".join(lines), family=6), 6)) as r:
+        assert r.run(NfHook.LOCAL_IN, ip6(routing(0))) == ACCEPT  # RETURNs first, at c0
+        assert r.run(NfHook.LOCAL_IN, ip6()) == ACCEPT

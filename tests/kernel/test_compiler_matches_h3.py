@@ -9,6 +9,7 @@ ruleset attached in one of them (conntrack on, as for iptables' conntrack match)
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import socket
 import struct
@@ -168,6 +169,54 @@ def test_sctp_ports(family: int, opts: str, expected: list[tuple[bytes, int]]) -
     assert got == [v for _, v in expected]
 
 
+def chunk(kind: int, length: int = 4, flags: int = 0) -> bytes:
+    """An SCTP chunk header claiming ``length`` bytes, padded to 4 with zeros."""
+    body = bytes(max(0, length - 4))
+    return struct.pack("!BBH", kind, flags, length) + body + bytes(-len(body) % 4)
+
+
+DATA, INIT, SACK, ABORT = 0, 1, 3, 6
+COMMON = struct.pack("!HHII", 1, 2, 0x01020304, 0)
+CHUNK_PACKETS = {
+    "init": COMMON + chunk(INIT, 20),
+    "data": COMMON + chunk(DATA, 17),  # a length that is not a multiple of 4: padded
+    "data,init": COMMON + chunk(DATA, 17) + chunk(INIT, 20),
+    "data,sack": COMMON + chunk(DATA) + chunk(SACK, 16),
+    "init,zero": COMMON + chunk(INIT) + struct.pack("!BBH", DATA, 0, 0),
+    "init,cut": COMMON + chunk(INIT) + b"\0\0",  # the next chunk header is cut short
+    "none": COMMON,  # not even one chunk header
+    "abort,big": COMMON + chunk(ABORT) + chunk(200, 8),
+}
+# (option, packets it matches, packets it hot-drops); the others it misses
+CHUNK_CASES = [
+    ("any INIT", {"init", "data,init", "init,zero", "init,cut"}, {"none"}),
+    ("any DATA,SACK", {"data", "data,init", "data,sack"}, {"init,zero", "init,cut", "none"}),
+    ("all INIT,DATA", {"data,init"}, {"init,zero", "init,cut", "none"}),
+    ("all INIT", {"init", "data,init"}, {"init,zero", "init,cut", "none"}),
+    ("only DATA,SACK", {"data", "data,sack"}, {"none"}),
+    ("only INIT", {"init"}, {"init,zero", "init,cut", "none"}),
+    ("any ALL", set(CHUNK_PACKETS) - {"none"}, {"none"}),
+    ("all NONE", {"init", "data", "data,init", "data,sack", "abort,big"},
+     {"init,zero", "init,cut", "none"}),
+    ("only ABORT", set(), {"none"}),
+]
+
+
+@pytest.mark.parametrize(("opt", "hits", "hot"), CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])
+@pytest.mark.parametrize("family", [4, 6])
+def test_sctp_chunk_types(family: int, opt: str, hits: set[str], hot: set[str]) -> None:
+    # A matching packet is dropped by the rule, a missing one by the policy-like last rule
+    # after an ACCEPT: hot drops show as DROP under the rule's ACCEPT.
+    build = ip4 if family == 4 else ip6
+    names = list(CHUNK_PACKETS)
+    packets = [build(IPPROTO_SCTP, CHUNK_PACKETS[n]) for n in names]
+    accept = run(f"-A INPUT -p sctp -m sctp --chunk-types {opt} -j ACCEPT\n-A INPUT -j DROP",
+                 packets, family)
+    assert {n for n, v in zip(names, accept, strict=True) if v == ACCEPT} == hits
+    drop = run(f"-A INPUT -p sctp -m sctp --chunk-types {opt} -j DROP", packets, family)
+    assert {n for n, v in zip(names, drop, strict=True) if v == DROP} == hits | hot
+
+
 def test_sctp_truncated_header_hot_drops_and_fragments_miss() -> None:
     # sctp_mt: fewer than 12 bytes of header -> hot drop (even under an ACCEPT rule);
     # a non-first fragment has no header -> the match fails.
@@ -193,9 +242,11 @@ def test_conntrack_struct_sizes_match_btf() -> None:
 # --- refusals -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "message"), [
-    (table("-A INPUT -p sctp -m sctp --chunk-types any INIT -j DROP"),
-     "line 5: match 'sctp' option '--chunk-types' is not supported: sctp_mt walks every chunk "
-     "of the packet, which a BPF program cannot bound"),
+    (table("-A INPUT -p sctp -m sctp ! --chunk-types any INIT -j DROP"),
+     "line 5: match 'sctp' option '! --chunk-types' is not supported: when the chunk walk "
+     "hot-drops, iptables still counts the rule (the negation holds), bpfilter cannot"),
+    (table("-A INPUT -p sctp -m sctp --chunk-types any DATA:Be -j DROP"),
+     "line 5: match 'sctp' option '--chunk-types' with chunk flags is not supported"),
     (table("-A PREROUTING -m rpfilter -j DROP", "raw"),
      "line 4: match 'rpfilter' is not supported: it needs a FIB lookup, and netfilter BPF "
      "programs have none (bpf_fib_lookup is for XDP and TC)"),
@@ -523,10 +574,10 @@ def _legacy_counts(ns: str) -> list[int]:
             if line.startswith("[") and " -A INPUT " in line]
 
 
-def _send(pair: testbed.NetnsPair, segment: bytes) -> None:
-    """``segment`` as the payload of an IPv4 TCP packet from a to b (the kernel fills in the
-    IP checksum and total length of an IPPROTO_RAW socket's packets)."""
-    packet = ip4(6, segment, src=pair.ipv4_a, dst=pair.ipv4_b)
+def _send(pair: testbed.NetnsPair, segment: bytes, proto: int = 6) -> None:
+    """``segment`` as the payload of an IPv4 packet from a to b (the kernel fills in the IP
+    checksum and total length of an IPPROTO_RAW socket's packets)."""
+    packet = ip4(proto, segment, src=pair.ipv4_a, dst=pair.ipv4_b)
     with netns.entered(pair.a):
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     with s:
@@ -536,14 +587,16 @@ def _send(pair: testbed.NetnsPair, segment: bytes) -> None:
 SENTINEL_PORT = 7  # a segment to this port is accepted by the first rule, counted there
 
 
-def _counts_per_segment(pair: testbed.NetnsPair, read: Callable[[], list[int]]) -> list[list[int]]:
+def _counts_per_segment(pair: testbed.NetnsPair, read: Callable[[], list[int]],
+                        segments: list[bytes] = ORACLE_SEGMENTS,
+                        proto: int = 6) -> list[list[int]]:
     """Per segment, the counter changes of every rule but the first; a sentinel segment sent
     after each one (counted by the first rule, which accepts it) says it has been seen."""
     out = []
     before = read()
     sentinel = struct.pack("!HHIIBBHHH", 1234, SENTINEL_PORT, 1, 0, 5 << 4, 0x10, 1024, 0, 0)
-    for segment in ORACLE_SEGMENTS:
-        _send(pair, segment)
+    for segment in segments:
+        _send(pair, segment, proto)
         _send(pair, sentinel)
         for _ in range(200):  # delivery over the veth is asynchronous, but in order
             after = read()
@@ -725,3 +778,102 @@ def test_owner_as_iptables_legacy() -> None:
             got = _owner_hits(other, lambda: counts(handle, "OUTPUT", len(rules)))
     assert any(any(row) for row in want) and not all(all(row) for row in want)
     assert got == want
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="util-linux unshare not installed")
+def test_owner_is_refused_in_a_namespace_of_another_user_namespace() -> None:
+    # xt_owner maps the rule's ids through the network namespace's user namespace
+    # (make_kuid); bpfilter compares initial-namespace ids, so it refuses such a namespace.
+    name = testbed.unique_name("bpft-h3u")
+    proc = subprocess.Popen(["unshare", "--user", "--net", "--map-root-user", "sleep", "60"])
+    mark = netns.NETNS_RUN_DIR / name
+    try:
+        ours = os.stat("/proc/self/ns/net").st_ino
+        for _ in range(200):
+            if os.stat(f"/proc/{proc.pid}/ns/net").st_ino != ours:
+                break
+            time.sleep(0.01)
+        mark.touch()
+        subprocess.run(["mount", "--bind", f"/proc/{proc.pid}/ns/net", str(mark)], check=True)
+        with pytest.raises(netns.NetnsError, match="belongs to another user namespace"):
+            loader.load_programs(compiled("-A OUTPUT -m owner --uid-owner 1 -j DROP"),
+                                 netns=name)
+        loader.load_programs(compiled("-A OUTPUT -p udp -j DROP"), netns=name).close()
+    finally:
+        subprocess.run(["umount", str(mark)], capture_output=True)
+        mark.unlink(missing_ok=True)
+        proc.kill()
+        proc.wait()
+
+
+CT_LEGACY_RULES = [
+    "-p udp -m connmark --mark 0x1234", "-p udp -m connmark ! --mark 0x34/0xff",
+    "-m connmark --mark 0", "-m conntrack --ctexpire 0", "-m conntrack --ctexpire 1:24",
+    "-m conntrack --ctexpire 25:30", "-m conntrack ! --ctexpire 0:24",
+    "-m conntrack --ctexpire 31:4294967295", "-m conntrack --ctstatus SEEN_REPLY",
+    "-m conntrack --ctstatus CONFIRMED --ctdir REPLY", "-m conntrack ! --ctstatus ASSURED",
+    "-m conntrack --ctstate NEW --ctproto udp --ctorigdstport 40000:40001",
+    "-m conntrack --ctstate ESTABLISHED --ctreplsrcport 0:1023",
+]
+
+
+def _ct_probes(pair: testbed.NetnsPair) -> list[Callable[[], bool]]:
+    return [lambda: udp_to(pair, 40000), lambda: udp_to(pair, 40001),
+            lambda: testbed.ping(pair.b, pair.ipv4_a), lambda: testbed.ping(pair.a, pair.ipv4_b)]
+
+
+def _ct_hits(pair: testbed.NetnsPair, read: Callable[[], list[int]]) -> list[list[int]]:
+    out = []
+    before = read()
+    for probe in _ct_probes(pair):
+        assert probe()
+        after = read()
+        out.append([x - y for x, y in zip(after, before, strict=True)])
+        before = after
+    return out
+
+
+@pytest.mark.skipif(shutil.which("iptables-legacy-restore") is None,
+                    reason="iptables-legacy not installed")
+def test_conntrack_and_connmark_as_iptables_legacy() -> None:
+    # Count-only rules in b's INPUT, iptables-legacy in one pair and bpfilter in another,
+    # with the same conntrack mark set by nftables for flows to udp port 40000.
+    mark = ("table inet bpft_h3 {\n chain pre {\n  type filter hook prerouting priority -150;"
+            "\n  udp dport 40000 ct mark set 0x1234\n }\n}\n")
+    rules = [f"-A INPUT -s {{a}} {r}" for r in CT_LEGACY_RULES]
+    with testbed.netns_pair() as ipt, testbed.netns_pair() as other:
+        _nft(ipt.b, mark)
+        _nft(other.b, mark)
+        subprocess.run(["ip", "netns", "exec", ipt.b, "iptables-legacy-restore"],
+                       input=table("\n".join(r.format(a=ipt.ipv4_a) for r in rules)),
+                       text=True, check=True)
+        want = _ct_hits(ipt, lambda: _legacy_counts(ipt.b))
+        text = "\n".join(r.format(a=other.ipv4_a) for r in rules)
+        with loaded(other, text) as handle:
+            got = _ct_hits(other, lambda: counts(handle, "INPUT", len(rules)))
+    assert any(any(row) for row in want) and not all(all(row) for row in want)
+    assert got == want
+
+
+@pytest.mark.skipif(shutil.which("iptables-legacy-restore") is None,
+                    reason="iptables-legacy not installed")
+def test_sctp_chunk_types_as_iptables_legacy(pair: testbed.NetnsPair) -> None:
+    # As for the TCP options: per crafted SCTP packet, which count-only rules counted it, in
+    # bpfilter and then in iptables-legacy (hot drops stop the chain in both).
+    a = pair.ipv4_a
+    rules = "\n".join([f"-A INPUT -s {a} -p tcp --dport {SENTINEL_PORT} -j ACCEPT",
+                       f"-A INPUT -s {a} -p sctp -m sctp --dport 2",
+                       *[f"-A INPUT -s {a} -p sctp -m sctp --chunk-types {opt}"
+                         for opt, _, _ in CHUNK_CASES]])
+    n = len(CHUNK_CASES) + 2
+    segments = list(CHUNK_PACKETS.values())
+    with loaded(pair, rules) as handle:
+        got = _counts_per_segment(pair, lambda: counts(handle, "INPUT", n), segments,
+                                  IPPROTO_SCTP)
+    subprocess.run(["ip", "netns", "exec", pair.b, "iptables-legacy-restore"],
+                   input=table(rules), text=True, check=True)
+    reference = _counts_per_segment(pair, lambda: _legacy_counts(pair.b), segments,
+                                    IPPROTO_SCTP)
+    assert all(row[0] == 1 for row in reference)  # the ports rule sees every packet
+    for name, want, have in zip(CHUNK_PACKETS, reference, got, strict=True):
+        assert have == want, name

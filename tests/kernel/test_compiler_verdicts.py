@@ -71,6 +71,20 @@ def mh(kind: int, proto: int = 59) -> bytes:
     return struct.pack("!BBBBH", proto, 1, kind, 0, 0) + b"\0" * 10
 
 
+def dccp(sport: int, dport: int, kind: int, x: int = 1) -> bytes:
+    """struct dccp_hdr (12 bytes): the type in bits 1-4 of byte 8, the X bit in bit 0."""
+    return struct.pack("!HHBBHBBH", sport, dport, 3, 0, 0, (kind << 1) | x, 0, 1)
+
+
+def tos4(packet: bytes, tos: int) -> bytes:
+    return packet[:1] + bytes([tos]) + packet[2:]
+
+
+def tclass6(packet: bytes, tclass: int) -> bytes:
+    word = struct.unpack("!I", packet[:4])[0] | tclass << 20
+    return struct.pack("!I", word) + packet[4:]
+
+
 # --- rulesets --------------------------------------------------------------------------------
 
 def ruleset(rules: str, *, family: int = 4, policy: str = "ACCEPT", chains: str = "",
@@ -221,6 +235,35 @@ CASES4 = [
     # several matches: all must hold, evaluated in order
     ("-A INPUT -s 198.18.0.1 -p tcp --dport 22 -m length --length 40 -j DROP", P4_TCP, DROP),
     ("-A INPUT -s 198.18.0.1 -p tcp --dport 22 -m length --length 41 -j DROP", P4_TCP, ACCEPT),
+    # ecn: the ECN bits of the TOS byte; ECE/CWR read at thoff with no fragment test, and a
+    # short transport header is a miss (not a hot drop) whatever the negation
+    ("-A INPUT -m ecn --ecn-ip-ect 1 -j DROP", tos4(P4_TCP, 0x01), DROP),
+    ("-A INPUT -m ecn --ecn-ip-ect 1 -j DROP", tos4(P4_TCP, 0x02), ACCEPT),
+    ("-A INPUT -m ecn --ecn-ip-ect 0 -j DROP", tos4(P4_TCP, 0xB8), DROP),
+    ("-A INPUT -m ecn ! --ecn-ip-ect 3 -j DROP", tos4(P4_TCP, 0xBB), ACCEPT),
+    ("-A INPUT -p tcp -m ecn --ecn-tcp-ece -j DROP", ip4(6, tcp(flags=0x42)), DROP),
+    ("-A INPUT -p tcp -m ecn --ecn-tcp-ece -j DROP", P4_TCP, ACCEPT),
+    ("-A INPUT -p tcp -m ecn --ecn-tcp-ece ! --ecn-tcp-cwr -j DROP", ip4(6, tcp(flags=0xC2)),
+     ACCEPT),
+    ("-A INPUT -p tcp -m ecn ! --ecn-tcp-cwr -j DROP", ip4(6, tcp(flags=0x42)), DROP),
+    ("-A INPUT -p tcp -m ecn ! --ecn-tcp-cwr -j DROP", ip4(6, tcp()[:12]), ACCEPT),
+    ("-A INPUT -p tcp -m ecn --ecn-tcp-ece -j DROP", ip4(6, tcp(flags=0x40), frag=3), DROP),
+    ("-A INPUT -p tcp -m ecn --ecn-ip-ect 2 --ecn-tcp-ece -j DROP",
+     tos4(ip4(6, tcp(flags=0x40)), 0x01), ACCEPT),
+    # dccp: ports and the packet type; a later fragment misses, a short header hot-drops
+    ("-A INPUT -p dccp -m dccp --dport 5000 -j DROP", ip4(33, dccp(1, 5000, 0)), DROP),
+    ("-A INPUT -p dccp --sport 2:3 -j DROP", ip4(33, dccp(1, 5000, 0)), ACCEPT),
+    ("-A INPUT -p dccp -m dccp --dccp-types REQUEST,RESET -j DROP", ip4(33, dccp(1, 2, 7)),
+     DROP),
+    ("-A INPUT -p dccp -m dccp --dccp-types REQUEST,RESET -j DROP", ip4(33, dccp(1, 2, 1)),
+     ACCEPT),
+    ("-A INPUT -p dccp -m dccp ! --dccp-types REQUEST -j DROP", ip4(33, dccp(1, 2, 1, x=0)),
+     DROP),
+    ("-A INPUT -p dccp -m dccp --dccp-types INVALID -j DROP", ip4(33, dccp(1, 2, 15)), DROP),
+    ("-A INPUT -p dccp -m dccp --dccp-types SYNCACK -j DROP", ip4(33, dccp(1, 2, 12)), ACCEPT),
+    ("-A INPUT -p dccp -m dccp --dccp-types SYNCACK -j DROP", ip4(33, dccp(1, 2, 9)), DROP),
+    ("-A INPUT -p dccp -m dccp -j ACCEPT", ip4(33, dccp(1, 2, 0)[:10]), DROP),
+    ("-A INPUT -p dccp -m dccp ! --dport 9 -j DROP", ip4(33, dccp(1, 2, 0), frag=2), ACCEPT),
 ]
 
 
@@ -298,6 +341,16 @@ CASES6 = [
     ("-A INPUT -p mh -m mh --mh-type 5 -j ACCEPT", ip6(135, mh(5)[:5]), DROP),
     ("-A INPUT ! -i lo -s 2001:db8::1 -j DROP", P6_TCP, DROP),
     ("-A INPUT -i eth0 -j DROP", P6_TCP, ACCEPT),
+    # ecn: the ECN bits of the traffic class; ECE/CWR of the TCP header after the extensions
+    ("-A INPUT -m ecn --ecn-ip-ect 2 -j DROP", tclass6(P6_TCP, 0x02), DROP),
+    ("-A INPUT -m ecn --ecn-ip-ect 2 -j DROP", tclass6(P6_TCP, 0x01), ACCEPT),
+    ("-A INPUT -m ecn ! --ecn-ip-ect 2 -j DROP", tclass6(P6_TCP, 0xB9), DROP),
+    ("-A INPUT -p tcp -m ecn --ecn-tcp-cwr -j DROP", ip6(HBH, ext(6) + tcp(flags=0x80)), DROP),
+    ("-A INPUT -p tcp -m ecn --ecn-tcp-cwr -j DROP", ip6(HBH, ext(6) + tcp()), ACCEPT),
+    ("-A INPUT -p dccp -m dccp --dport 5000 --dccp-types DATA -j DROP",
+     ip6(33, dccp(1, 5000, 2)), DROP),
+    ("-A INPUT -p dccp -m dccp --dport 5000 --dccp-types DATA -j DROP",
+     ip6(33, dccp(1, 5000, 3)), ACCEPT),
 ]
 
 

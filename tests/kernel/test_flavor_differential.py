@@ -5,12 +5,15 @@ itself checked against iptables-legacy by tests/e2e/test_differential.py.
 
 Only features whose facts the packet itself carries are generated: interfaces, marks and
 conntrack differ between a netfilter test run and an interface (they have tests of their own
-in test_flavor_verdicts)."""
+in test_flavor_verdicts). The ClassBench 1k sets (bit-vector classifiers) are checked against
+the linear reference as at netfilter."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import classbench as cb
 import difftest
 import iptgen
 import pytest
@@ -21,6 +24,7 @@ from bpfilter.codegen.compiler import compile_ruleset
 from bpfilter.codegen.flavor_packet import IfTarget
 from bpfilter.codegen.uapi import IfHook, NfHook
 from bpfilter.grammar.iptables import parse_restore
+from bpfilter.ir.optimizer import Classifier
 
 FEATURES = frozenset({
     "src", "dst", "addr_mask", "addr_list", "proto", "proto_num", "negation", "fragment",
@@ -60,3 +64,22 @@ def test_same_verdicts_as_netfilter(seed: int, family: int) -> None:
             assert g == w, f"{hook.name}: packet {i} ({probes[min(i, len(probes) - 1)]})\n{text}"
         if counted:
             assert counts == want_counts, f"{hook.name}\n{text}"
+
+
+@pytest.mark.parametrize("hook", [IfHook.XDP, IfHook.TC_INGRESS], ids=lambda h: h.name)
+@pytest.mark.parametrize("name", ["acl1", "fw1", "ipc1"])
+def test_classbench_traces_match_the_reference(shared_dir: Path, name: str,
+                                               hook: IfHook) -> None:
+    # The 1k rule sets become bit-vector classifiers: XDP/TC programs with them load and
+    # decide every trace packet as the linear reference does.
+    base = shared_dir / "classbench"
+    rules = cb.read_rules(base / f"{name}_1k")
+    trace = cb.read_trace(base / f"{name}_1k_trace")[:2000]
+    ruleset = parse_restore(cb.restore_text(rules))
+    compiled = compile_ruleset(ruleset, 4, target=IfTarget(hook, "INPUT", "eth0"))
+    assert [type(run) for _, _, run, _ in compiled.lookups] == [Classifier]
+    want = ["DROP" if (k := cb.first_match(rules, p)) is None else cb.verdict_of(k)
+            for p in trace]
+    with fv.Runner(compiled) as r:
+        got = ["DROP" if r.run(fv.frame(cb.packet(p))) == fv.DROP else "ACCEPT" for p in trace]
+    assert got == want

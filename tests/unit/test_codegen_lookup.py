@@ -92,12 +92,13 @@ def test_ipv6_and_protocol_maps() -> None:
 def test_emit_lookup_builds_the_key_and_jumps_to_fail_on_a_miss(
         family: int, field: KeyField, loads: int) -> None:
     bits = 32 if family == 4 else 128
+    full = (1 << bits) - 1  # a host: a hash keyed by the whole address (a load per word)
     if field is KeyField.PROTO:
         rule = Rule(proto=6, target=DROP)
     elif field is KeyField.SRC:
-        rule = Rule(src=Prefix(0, 0, bits), target=DROP)
+        rule = Rule(src=Prefix(0, full, bits), target=DROP)
     else:
-        rule = Rule(dst=Prefix(0, 0, bits), target=DROP)
+        rule = Rule(dst=Prefix(0, full, bits), target=DROP)
     run = build_run([rule], field)
     em = Emitter(family, "r", "r:fail", "r:hot")
     lookup.emit_lookup(em, run, "lookup_7")

@@ -51,6 +51,8 @@ def test_the_map_describes_the_set() -> None:
     ("hash:net", 6, "2001:db8::/32", ["2001:db8::/32"]),
     ("hash:ip,port", 4, "198.18.0.1,22", ["198.18.0.1,tcp:22"]),
     ("hash:ip,port", 4, "198.18.0.1,udp:53-54", ["198.18.0.1,udp:53", "198.18.0.1,udp:54"]),
+    ("hash:ip,port", 4, "198.18.0.1,https", ["198.18.0.1,tcp:443"]),
+    ("hash:ip,port", 4, "198.18.0.1,ftp-data", ["198.18.0.1,tcp:20"]),
     ("hash:net,port", 6, "2001:db8::/48,udplite:7", ["2001:db8::/48,udplite:7"]),
 ])
 def test_elements_round_trip(kind: str, family: int, element: str, printed: list[str]) -> None:

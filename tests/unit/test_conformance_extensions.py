@@ -20,6 +20,13 @@ CORE_FILES = {"iptables", "libipt_standard"}
 SAVED_BY_1_8_9 = {
     # 1.8.9 prints nothing for an empty interface mask, even when negated.
     ("iptables.t", "! -i +"): "",
+    # 1.8.9 leaves an open upper end of --queue-balance at 65535 (1.8.13: 65534).
+    ("libxt_NFQUEUE.t", "-j NFQUEUE --queue-balance 4:"): "-j NFQUEUE --queue-balance 4:65535",
+}
+# OK lines of the *.t files that iptables 1.8.9 refuses: 1.8.9 reads `:` as 0:65535, 65536
+# queues, which xt_NFQUEUE's checkentry refuses (1.8.13 stops at 65534).
+REFUSED_BY_1_8_9 = {
+    ("libxt_NFQUEUE.t", "-j NFQUEUE --queue-balance :"),
 }
 
 
@@ -82,7 +89,7 @@ def test_every_ok_line_prints_as_upstream_expects(shared_dir: Path) -> None:
     failures = []
     total = 0
     for file, table, family, chain, rule, expected, result in cases(shared_dir):
-        if result != "OK":
+        if result != "OK" or (file, rule) in REFUSED_BY_1_8_9:
             continue
         total += 1
         if expected == "=":
@@ -104,7 +111,7 @@ def test_every_fail_line_is_refused(shared_dir: Path) -> None:
     accepted = []
     total = 0
     for file, table, family, chain, rule, _, result in cases(shared_dir):
-        if result != "FAIL":
+        if result != "FAIL" and (file, rule) not in REFUSED_BY_1_8_9:
             continue
         total += 1
         try:
@@ -116,11 +123,8 @@ def test_every_fail_line_is_refused(shared_dir: Path) -> None:
     assert not accepted, "\n".join(accepted)
 
 
-@pytest.mark.parametrize("name", ["libxt_string.t", "libxt_cgroup.t", "libxt_NFQUEUE.t"])
-def test_unsupported_extensions_are_refused_by_name(shared_dir: Path, name: str) -> None:
-    path = shared_dir / "conformance" / "iptables" / "extensions" / name
-    assert not supported(path)
-    ext, _ = _extension(path)
-    flag = "-j" if ext.isupper() else "-m"
+@pytest.mark.parametrize("flag,ext", [("-m", "quota2"), ("-m", "cluster"), ("-j", "CLUSTERIP"),
+                                      ("-j", "ULOG")])
+def test_unsupported_extensions_are_refused_by_name(flag: str, ext: str) -> None:
     with pytest.raises(ParseError, match=f"'{ext}' is not supported"):
         parse_command(["-A", "INPUT", flag, ext])

@@ -23,9 +23,11 @@ def test_long_aliases_and_equals() -> None:
 
 def test_abbreviations() -> None:
     assert unabbreviate("--dpor") == "--dport"
-    assert unabbreviate("--proto") == "--protocol"
+    assert unabbreviate("--protoc") == "--protocol"
     assert unabbreviate("--zzz") == "--zzz"
-    assert texts(["--proto", "tcp"]) == ["-p", "tcp"]
+    assert texts(["--protoc", "tcp"]) == ["-p", "tcp"]
+    # --proto is policy's option; without policy loaded the rule builder reads it as -p.
+    assert unabbreviate("--proto") == "--proto"
 
 
 def test_glued_short_options_only_for_command_lines() -> None:

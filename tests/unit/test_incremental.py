@@ -191,3 +191,23 @@ def test_blocklist_changes_agree_with_the_full_plan() -> None:
         b, f = quick.layout.fast["INPUT"], full.layout.fast["INPUT"]
         assert (list(b.keys), list(b.acts)) == (list(f.keys), list(f.acts))  # rep: any rule
         assert edit_text(text, "INPUT", RUN, pos, line) == to_iptables_save(Ruleset((new,)))
+
+
+def test_a_blocklist_change_rewrites_what_another_chain_left_behind() -> None:
+    """After a change in one blocklist chain the other copy of its map lags by that key; a
+    change in another blocklist chain (which switches every map's copy) writes it too."""
+    from bpfilter.incremental import blocklist_change
+
+    fwd = [r.replace("-A INPUT", "-A FORWARD").replace("198.19.", "198.18.") for r in block()]
+    old = table([*block(), *fwd])
+    lay = layout_of(old)
+    assert set(lay.fast) == {"INPUT", "FORWARD"}
+    one_rules = [*block()[1:], *fwd]  # rule 1 of INPUT deleted
+    one = blocklist_change(lay, "INPUT", 0, 0xC6130001, None)
+    assert one.writes == plan_change(old, lay, table(one_rules), 4).writes
+    two_rules = [*block()[1:], "-A FORWARD -s 198.18.9.9 -j DROP", *fwd]
+    two = blocklist_change(one.layout, "FORWARD", 0, 0xC6120909, 0)
+    full = plan_change(table(one_rules), one.layout, table(two_rules), 4)
+    assert two.writes == full.writes
+    assert two.writes["lookup_0"] == {key("198.19.0.1"): None}  # INPUT's lagging key
+    assert two.layout.lag == full.layout.lag == {"lookup_1": [key("198.18.9.9")]}

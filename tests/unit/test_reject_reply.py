@@ -336,3 +336,27 @@ def test_rate_limiter_per_peer_and_mask() -> None:
 def test_parse_bitmap() -> None:
     assert rr.parse_bitmap("0-1,3-5\n") == frozenset({0, 1, 3, 4, 5})
     assert rr.parse_bitmap("") == frozenset()
+
+
+def test_random_events_never_raise() -> None:
+    """The responder must survive any packet: random bytes, truncations, every code."""
+    import random
+
+    rng = random.Random(7)
+    seeds = [ip4(6, tcp(0x02)), ip4(17, udp()), ip4(1, struct.pack("!BBHI", 8, 0, 0, 0)),
+             ip6(6, tcp(0x10)), ip6(17, udp()), ip6(0, struct.pack("!BB6x", 44, 0) +
+                                                  _frag6(6, 0) + tcp(0x02))]
+    for _ in range(3000):
+        pkt = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(4)):
+            pkt[rng.randrange(len(pkt))] = rng.randrange(256)
+        pkt = pkt[:rng.randrange(len(pkt) + 1)]
+        family = 4 if rng.random() < 0.5 else 6
+        code = rng.choice([reject.TCP_RESET, *range(7)])
+        o = rr.Original(family, rng.choice([NfHook.LOCAL_IN, NfHook.FORWARD, NfHook.LOCAL_OUT]),
+                        code, bytes(pkt), len(pkt) + rng.choice([0, 0, 5, 3000]),
+                        ip_summed=rng.randrange(4), csum=rng.randrange(1 << 32),
+                        rt_flags=rng.choice([0, rr.RTCF_LOCAL]))
+        r = rr.reply4(o) if family == 4 else rr.reply6(o)
+        if r is not None:
+            r.packet(src=bytes(4 if family == 4 else 16))

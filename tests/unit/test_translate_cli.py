@@ -97,7 +97,7 @@ def test_asm_marks_rule_lines(monkeypatch: pytest.MonkeyPatch,
 
 def test_asm_names_a_rule_that_does_not_compile(monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    text = "*filter\n:INPUT DROP [0:0]\n-A INPUT -j LOG\nCOMMIT\n"
+    text = "*filter\n:INPUT DROP [0:0]\n-A INPUT -j CONNMARK --set-mark 1\nCOMMIT\n"
     rc, out, err = run(monkeypatch, capsys, ["--to", "asm"], text)
     assert rc == 1 and out == ""
     assert err.startswith("bpfilter translate: <stdin>:line 3: ")
