@@ -7,13 +7,16 @@ mixed-match file (tcp/udp ports and ranges, multiport, interfaces, conntrack, co
 `bpfilter translate` on each several times, and for reference `iptables-legacy-restore --test`
 on the same file in a throwaway network namespace (root only), where it also checks that the
 translation equals iptables-legacy-save after a real restore. Peak RSS is /usr/bin/time's %M.
-Writes bench/results/translate.json and prints a table.
+It also times the front end alone in this process (`parse_restore`, no start-up, no
+printing): wall and CPU seconds, best of the runs. Writes bench/results/translate.json and
+prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -27,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bpfilter.grammar import iptables
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "translate.json"
@@ -122,6 +127,25 @@ def series(argv: list[str], runs: int) -> dict[str, Any]:
         "rc": sorted({int(s["rc"]) for s in samples}),
         "stderr_tail": samples[-1]["stderr_tail"],
     }
+
+
+def parse_series(text: str, runs: int) -> dict[str, Any]:
+    """parse_restore(text) in this process, `runs` times: wall and CPU seconds (CPU time is
+    the steadier figure when other work shares the machine)."""
+    walls, cpus = [], []
+    for _ in range(runs):
+        # Cold caches, as in a fresh `bpfilter translate` (the Lark tables stay built).
+        iptables._FAST.clear()
+        iptables._PLANS.clear()
+        iptables._EXT_CACHE.clear()
+        gc.collect()
+        wall, cpu = time.perf_counter(), time.process_time()
+        iptables.parse_restore(text)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return {"runs": runs, "seconds": [round(w, 4) for w in walls],
+            "min_seconds": round(min(walls), 4), "min_cpu_seconds": round(min(cpus), 4),
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def tables(save_text: str) -> dict[str, str]:
@@ -225,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 path.write_text(text)
                 rules = sum(1 for line in text.splitlines() if line.startswith("-A"))
                 entry: dict[str, Any] = {"rules": rules, "bytes": len(text.encode())}
+                entry["parse_restore"] = parse_series(text, args.runs)
                 entry["bpfilter_translate"] = series(
                     [*bpfilter_argv(), "translate", str(path)], args.runs)
                 if ns is not None:
@@ -255,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<10} {entry['rules']:>7} {tool:<34} {s['median_seconds']:>9.3f} "
                   f"{s['min_seconds']:>7.3f} {s['peak_rss_mb']:>8.1f} "
                   f"{','.join(map(str, s['rc'])):>4}")
+    for name, entry in variants.items():
+        p = entry["parse_restore"]
+        print(f"{name}: parse_restore alone (in process) min {p['min_seconds']:.3f} s wall, "
+              f"{p['min_cpu_seconds']:.3f} s CPU")
     for name, entry in variants.items():
         if "output_matches_iptables_save" in entry:
             print(f"{name}: translate output identical to iptables-legacy-save: "

@@ -38,6 +38,9 @@ def install(directory: Path = DIRECTORY) -> None:
         try:
             shapes.lark_parser()  # builds the tables and writes them to tmp
             os.replace(tmp, path)
+            for old in directory.glob("lark-shapes-*.cache"):  # of earlier grammars
+                if old != path:
+                    old.unlink(missing_ok=True)
         finally:
             shapes.LARK_OPTIONS["cache"] = str(path)
             with contextlib.suppress(FileNotFoundError):

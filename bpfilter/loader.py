@@ -28,6 +28,7 @@ from bpfilter.codegen.flavor_netfilter import (
     KField,
     func_btf,
     hook_state_context,
+    meta_size,
 )
 from bpfilter.codegen.link import Linked, link
 from bpfilter.codegen.spec import ProgramSpec
@@ -136,7 +137,8 @@ def link_program(program: CompiledProgram, maps: dict[str, int]) -> LinkedProgra
     """Resolve kernel offsets, kfunc ids and map fds of one compiled program."""
     linked = link(program.code(kernel_layout()), maps=maps, kfuncs=_kfuncs(program.kfuncs))
     slots = sorted((linked.labels[label], index) for label, index in program.rule_labels)
-    btf, ids = func_btf([(name, kind) for _, name, kind in program.funcs])
+    btf, ids = func_btf([(name, kind) for _, name, kind in program.funcs],
+                        meta_size(program.needs))
     infos = sorted((linked.labels[label], type_id)
                    for (label, _, _), type_id in zip(program.funcs, ids, strict=True))
     func_info = b"".join(struct.pack("<II", slot, type_id) for slot, type_id in infos)

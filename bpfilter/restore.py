@@ -407,7 +407,10 @@ def restore(text: str, opts: RestoreOptions, filename: str = "<stdin>") -> Outco
     if not opts.test and state.drop_stale(opts.netns):
         out.err += (f"{TOOL[family]}: dropped the pins of an earlier network namespace named "
                     f"{opts.netns!r} (deleted and created again)\n")
-    base = state.live_ruleset(opts.netns, family) if opts.noflush else None
+    # Read (and parsed) once: the base of the input and the old side of each table's change.
+    lives = {t.key.table: t for t in state.live_tables(opts.netns, family)} \
+        if opts.noflush else {}
+    base = Ruleset(tuple(t.table for t in lives.values())) if opts.noflush else None
     error: ParseError | None = None
     try:
         ruleset = parse_restore(text, family=family, filename=filename, base=base)
@@ -427,7 +430,7 @@ def restore(text: str, opts: RestoreOptions, filename: str = "<stdin>") -> Outco
             out.err += _line_failed(family, _unsupported(table))
             return out
         try:
-            out.tables.append(restore_table(table, opts))
+            out.tables.append(restore_table(table, opts, lives.get(table.name)))
         except sets.SetRefused as e:
             out.code, out.error_line = EXIT_PARAMETER, e.line
             out.err += _parameter_problem(family, e.reason + "\n", e.line)

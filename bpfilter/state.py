@@ -332,14 +332,15 @@ def live_head(key: TableKey, netns: str | None) -> LiveHead | None:
     return LiveHead(key, gen, layout, ids, netns)
 
 
+def live_tables(netns: str | None, family: int) -> list[LiveTable]:
+    """Every table in force in ``netns`` for ``family``."""
+    return [live for key in tables(netns, family)
+            if (live := live_table(key, netns)) is not None]
+
+
 def live_ruleset(netns: str | None, family: int) -> Ruleset:
     """Every table in force in ``netns`` for ``family``, as IR."""
-    out = []
-    for key in tables(netns, family):
-        live = live_table(key, netns)
-        if live is not None:
-            out.append(live.table)
-    return Ruleset(tuple(out))
+    return Ruleset(tuple(live.table for live in live_tables(netns, family)))
 
 
 def with_counters(live: LiveTable) -> Table:
@@ -697,6 +698,6 @@ def _memlock(info: bpf.ProgInfo) -> int:
 
 __all__ = ["CONNTRACK_TABLE", "OWNER_PIN", "Dispatch", "LiveTable", "ProgStatus", "StateError",
            "TableStatus", "carried_counters", "claim", "commit", "disable_conntrack",
-           "drop_stale", "ensure_conntrack", "flush", "live_ruleset", "live_table",
+           "drop_stale", "ensure_conntrack", "flush", "live_ruleset", "live_table", "live_tables",
            "load_text", "namespaces", "remove", "require_root", "stale", "status",
            "store_text", "tables", "with_counters"]

@@ -804,6 +804,9 @@ def _needs(rules: Iterator[IrRule]) -> nf.Needs:
         seen.add(id(rule.matches))
         for m in rule.matches:
             needs |= MATCHERS[m.kind].needs_for(m)
+        if len(needs.ext_opts) > nf.OPTS_MAX_LISTS:
+            raise CompileError(rule.line, f"a program tests at most {nf.OPTS_MAX_LISTS} "
+                               "different --hbh-opts/--dst-opts lists")
     return needs
 
 

@@ -62,16 +62,16 @@ PROTO_ERROR = 120  # u32 IPv6: extension header walk failed; a rule with -p hot-
 IP_LEN = 124  # u32 xt_length's length: IPv4 tot_len, IPv6 payload_len + 40
 PKT_TYPE = 128  # u32 skb->pkt_type (PacketType)
 LOOKUP_BUFFER = 132  # u32 which copy of the runs' double-buffered maps (codegen/lookup) to use
-RT = 136  # IPv6: the first routing header's first 8 bytes (ipv6_rt_hdr + rt0_hdr.reserved)
-RT_OFF = 144  # u16 its offset from the IPv6 header
-DST_OFF = 146  # u16 the destination options header's offset (Needs.dst)
+RT = 320  # IPv6: the first routing header's first 8 bytes (ipv6_rt_hdr + rt0_hdr.reserved)
+RT_OFF = RT + 8  # u16 its offset from the IPv6 header
+DST_OFF = RT + 10  # u16 the destination options header's offset (Needs.dst)
 # u8 each: what ipv6_find_hdr(TYPE) gives for the routing, fragment, hop-by-hop and
 # destination options headers: HDR_NONE, HDR_FOUND or HDR_ERROR (Needs.routing, .fragment,
 # .hbh, .dst; for the last two HDR_ERROR also when the header is longer than the packet)
-RT_STATE = 148
-FH_STATE = 149
-HBH_STATE = 150
-DST_STATE = 151
+RT_STATE = RT + 12
+FH_STATE = RT + 13
+HBH_STATE = RT + 14
+DST_STATE = RT + 15
 # Conntrack details, filled only when the packet has a conntrack entry (CT_STATE has one of
 # the NEW, ESTABLISHED, RELATED bits), zero otherwise:
 CT_DIR = 152  # u32 1 in the reply direction (ctinfo >= IP_CT_IS_REPLY)
@@ -84,12 +84,12 @@ MAC_SRC = 248  # 6 bytes: the Ethernet source address, when MAC_OK
 MAC_OK = 256  # u32 1 when xt_mac could read a MAC header (Ethernet device, header in place)
 # u64 the sk_buff's address, a plain number to the verifier: targets that need more of the
 # packet than the meta area holds (LOG) read it with bpf_probe_read_kernel.
-SKB_ADDR = 264
+SKB_ADDR = 136
 # TCP options as tcp_find_option and tcpmss_mt walk them (Needs.tcp_options), for a TCP header
 # that is fully there (L4_LEN = 20); zero otherwise:
-TCP_OPT_STATE = 272  # u32 TCP_OPT_NONE, TCP_OPT_OK or TCP_OPT_BAD
-TCP_MSS = 276  # u32 0x10000 | the value of the first well-formed MSS option, else 0
-TCP_KINDS = 280  # 32 bytes: bit k set when the walk visits an option of kind k
+TCP_OPT_STATE = 264  # u32 TCP_OPT_NONE, TCP_OPT_OK or TCP_OPT_BAD
+TCP_MSS = 268  # u32 0x10000 | the value of the first well-formed MSS option, else 0
+TCP_KINDS = 272  # 32 bytes: bit k set when the walk visits an option of kind k
 # The same bytes for SCTP packets (a packet is one or the other): the chunks as sctp_mt's
 # match_packet walks them (Needs.sctp_chunks), for a first fragment with a full common
 # header: SCTP_STATE (SCTP_NONE, SCTP_OK, SCTP_BAD: a chunk header cut short or of length 0
@@ -99,28 +99,33 @@ TCP_KINDS = 280  # 32 bytes: bit k set when the walk visits an option of kind k
 SCTP_STATE = TCP_OPT_STATE
 SCTP_CHUNK = TCP_MSS
 SCTP_TYPES = TCP_KINDS
-NET_ADDR = 312  # u64 the hook's struct net (state->net), a plain number (LOG --log-uid)
+NET_ADDR = 144  # u64 the hook's struct net (state->net), a plain number (LOG --log-uid)
 # The socket xt_owner looks at (Needs.owner): OWNER_NONE, OWNER_NO_FILE or OWNER_FILE, and
 # with a file the fsuid and fsgid of its credentials.
-OWNER_STATE = 320
-OWNER_UID = 324
-OWNER_GID = 328
-HBH_OFF = 332  # u16 the hop-by-hop header's offset (Needs.hbh)
+OWNER_STATE = 304
+OWNER_UID = 308
+OWNER_GID = 312
+HBH_OFF = 340  # u16 the hop-by-hop header's offset (Needs.hbh)
 # u16 bit k set when the k-th --hbh-opts/--dst-opts list of the program (Needs.ext_opts, in
 # sorted order) matched the packet's options
-OPTS_RESULT = 334
-FH = 336  # IPv6: the first fragment header (struct frag_hdr, 8 bytes) (Needs.fragment)
-HBH_HDR = 344  # IPv6: the hop-by-hop header's struct ipv6_opt_hdr (2 bytes) (Needs.hbh)
-DST_HDR = 346  # the destination options header's (Needs.dst)
+OPTS_RESULT = 342
+FH = 344  # IPv6: the first fragment header (struct frag_hdr, 8 bytes) (Needs.fragment)
+HBH_HDR = 352  # IPv6: the hop-by-hop header's struct ipv6_opt_hdr (2 bytes) (Needs.hbh)
+DST_HDR = 354  # the destination options header's (Needs.dst)
 # u32 ip6t_ipv6header's walk (Needs.ipv6header): the MASK_* bits of the headers seen, or
 # IPV6HDR_FALSE / IPV6HDR_HOTDROP when the match gives that whatever its options.
-IPV6HDR = 348
-META_SIZE = 352
+IPV6HDR = 356
+META_SIZE = 360
 
-# --- the main frame: meta area, dynptr, scratch -----------------------------------------------
-META = -META_SIZE  # R7 = FP + META
-DYNPTR = META - 16  # struct bpf_dynptr (16 bytes, 8-aligned)
+# --- the main frame: dynptr, scratch, then the meta area ----------------------------------------
+# The verifier allows 512 bytes of stack for main and every function it calls, nested: the
+# meta area is only as long as the fields the program's rules look at (``meta_size``), so
+# that user chains keep room to nest.
+DYNPTR = -16  # struct bpf_dynptr (16 bytes, 8-aligned)
 SCRATCH = DYNPTR - 8  # IPv6 extension header bytes; nf_conn.status
+TCP_OPT_I = SCRATCH - 8  # u64 the TCP option walk's index (Needs.tcp_options only)
+FIXED_FRAME = -TCP_OPT_I  # bytes of main's frame above the meta area
+BASE_END = LOOKUP_BUFFER + 4  # the fields every program has
 TCP_OPT_MAX = 40  # 15 * 4 - sizeof(struct tcphdr)
 IPPROTO_TCP = 6
 TCP_OPT_NONE = 0  # no options (doff 5)
@@ -616,9 +621,7 @@ def _opt_headers(needs: Needs) -> list[Item]:
             Label(ok),
         ]
     lists = sorted(needs.ext_opts)
-    if len(lists) > OPTS_MAX_LISTS:
-        raise ValueError(f"a program tests at most {OPTS_MAX_LISTS} --hbh-opts/--dst-opts "
-                         f"lists, not {len(lists)}")
+    assert len(lists) <= OPTS_MAX_LISTS, "the compiler refuses more (with the rule's line)"
     for k, (kind, opts) in enumerate(lists):
         h = OPT_HEADERS[kind]
         base = f"prologue:optlist{k}"
@@ -831,14 +834,43 @@ def _read_scratch(size: int, at: int) -> list[Item]:
     return _dynptr_read(FP, SCRATCH + at, size, [asm.mov64(R4, R9), asm.add64(R4, at)])
 
 
+def meta_size(needs: Needs) -> int:
+    """Bytes of the meta area a program with ``needs`` uses: the fields every program fills,
+    up to the end of the last field group some rule of it looks at. Fields of groups it does
+    not need lie past that end, and neither the prologue nor any rule touches them (the
+    verifier refuses a global function reading past the size its BTF declares)."""
+    end = BASE_END
+    for wanted, group_end in (
+            (needs.routing or needs.fragment or needs.hbh or needs.dst, DST_STATE + 1),
+            (needs.ct_dir, CT_DIR + 4), (needs.ct_status, CT_STATUS + 4),
+            (needs.ct_mark, CT_MARK + 4), (needs.ct_expires, CT_EXPIRES + 4),
+            (needs.ct_tuples, CT_REPL + 40), (needs.mac, MAC_OK + 4),
+            (needs.skb, SKB_ADDR + 8), (needs.tcp_options or needs.sctp_chunks, TCP_KINDS + 32),
+            (needs.hook_net, NET_ADDR + 8), (needs.owner, OWNER_GID + 4),
+            (needs.hbh, max(HBH_OFF + 2, HBH_HDR + 2)), (needs.dst, max(DST_OFF + 2, DST_HDR + 2)),
+            (bool(needs.ext_opts), OPTS_RESULT + 2), (needs.fragment, FH + 8),
+            (needs.ipv6header, IPV6HDR + 4)):
+        if wanted:
+            end = max(end, group_end)
+    return min(META_SIZE, (end + 7) & ~7)
+
+
+def meta_frame(needs: Needs) -> list[Item]:
+    """``R7 = FP - (FIXED_FRAME + meta_size)``, the meta area zeroed, SCRATCH zeroed."""
+    size = meta_size(needs)
+    return [
+        asm.mov64(R7, FP),
+        asm.add64(R7, -(FIXED_FRAME + size), comment="r7 = meta area"),
+        *[asm.st(Size.DW, R7, off, 0) for off in range(0, size, 8)],
+        asm.st(Size.DW, FP, SCRATCH, 0),
+    ]
+
+
 def prologue(family: int, needs: Needs) -> list[Item]:
     """Fill the meta area; afterwards R7 points at it and R6 holds the context."""
     out: list[Item] = [
         asm.mov64(R6, R1, comment="r6 = ctx (struct bpf_nf_ctx *)"),
-        asm.mov64(R7, FP),
-        asm.add64(R7, META, comment="r7 = meta area"),
-        *[asm.st(Size.DW, R7, off, 0) for off in range(0, META_SIZE, 8)],
-        asm.st(Size.DW, FP, SCRATCH, 0),
+        *meta_frame(needs),
         FieldLoad(Size.DW, R8, R6, KField.CTX_SKB, comment="r8 = ctx->skb"),
         FieldLoad(Size.W, R1, R8, KField.SKB_LEN),
         asm.stx(Size.W, R7, SKB_LEN, R1),
@@ -974,15 +1006,16 @@ def _sctp_chunks() -> list[Item]:
 def _tcp_options() -> list[Item]:
     """Walk the TCP options once as tcp_find_option and tcpmss_mt do: kinds 0 and 1 take one
     byte, others their length byte (a zero length counts as one). The options are read a
-    byte or two at a time into SCRATCH (the index i lives at SCRATCH + 4): a copy of all 40
-    bytes would cost the stack room the call frames need. R9 = thoff, R8 = optlen."""
+    byte or two at a time into SCRATCH, the index i spilled whole in TCP_OPT_I so that the
+    verifier keeps its bounds (a copy of all 40 bytes would cost the stack room the call
+    frames need). R9 = thoff, R8 = optlen."""
     done, bad, loop, step, one = ("prologue:tcpopt:" + n for n in
                                   ("done", "bad", "loop", "step", "one"))
 
     def read(at: int, size: int) -> list[Item]:
         """SCRATCH[at:] = ``size`` option bytes from index i + at."""
         return _dynptr_read(FP, SCRATCH + max(at, 0), size, [
-            asm.ldx(Size.W, R4, FP, SCRATCH + 4), asm.add64(R4, R9),
+            asm.ldx(Size.DW, R4, FP, TCP_OPT_I), asm.add64(R4, R9),
             asm.add64(R4, L4_BYTES + at)])
 
     return [
@@ -998,13 +1031,13 @@ def _tcp_options() -> list[Item]:
         asm.jmp("jeq", R2, 0, done),
         asm.mov64(R8, R2),
         # skb_header_pointer(optlen bytes) fails exactly when the last of them is missing
-        asm.stx(Size.W, FP, SCRATCH + 4, R8),
+        asm.stx(Size.DW, FP, TCP_OPT_I, R8),
         *read(-1, 1),
         asm.jmp("jne", R0, 0, bad),
         asm.st(Size.W, R7, TCP_OPT_STATE, TCP_OPT_OK),
-        asm.st(Size.W, FP, SCRATCH + 4, 0),
+        asm.st(Size.DW, FP, TCP_OPT_I, 0),
         Label(loop),
-        asm.ldx(Size.W, R3, FP, SCRATCH + 4, comment="i"),
+        asm.ldx(Size.DW, R3, FP, TCP_OPT_I, comment="i"),
         asm.jmp("jge", R3, R8, done),
         asm.jmp("jge", R3, TCP_OPT_MAX, done),
         *read(0, 1),
@@ -1022,13 +1055,13 @@ def _tcp_options() -> list[Item]:
         asm.jmp("jlt", R1, 2, one),
         # op[i + 1] lies past the options only for i = optlen - 1, where any value ends the
         # walk (the kernel reads a byte of its copy's tail there)
-        asm.ldx(Size.W, R3, FP, SCRATCH + 4),
+        asm.ldx(Size.DW, R3, FP, TCP_OPT_I),
         asm.add64(R3, 1),
         asm.jmp("jge", R3, R8, done),
         *read(1, 1),
         asm.ldx(Size.B, R1, FP, SCRATCH),
         asm.ldx(Size.B, R2, FP, SCRATCH + 1, comment="op[i + 1]"),
-        asm.ldx(Size.W, R3, FP, SCRATCH + 4),
+        asm.ldx(Size.DW, R3, FP, TCP_OPT_I),
         # tcpmss_mt takes the first MSS option with length 4 and 4 bytes left
         asm.jmp("jne", R1, TCPOPT_MSS, step),
         asm.ldx(Size.W, R0, R7, TCP_MSS),
@@ -1043,16 +1076,16 @@ def _tcp_options() -> list[Item]:
         asm.or64(R2, 0x10000),
         asm.stx(Size.W, R7, TCP_MSS, R2),
         asm.ldx(Size.B, R2, FP, SCRATCH + 1),
-        asm.ldx(Size.W, R3, FP, SCRATCH + 4),
+        asm.ldx(Size.DW, R3, FP, TCP_OPT_I),
         Label(step),
         asm.jmp("jeq", R2, 0, one),
         asm.add64(R3, R2),
-        asm.stx(Size.W, FP, SCRATCH + 4, R3),
+        asm.stx(Size.DW, FP, TCP_OPT_I, R3),
         asm.ja(loop),
         Label(one),
-        asm.ldx(Size.W, R3, FP, SCRATCH + 4),
+        asm.ldx(Size.DW, R3, FP, TCP_OPT_I),
         asm.add64(R3, 1),
-        asm.stx(Size.W, FP, SCRATCH + 4, R3),
+        asm.stx(Size.DW, FP, TCP_OPT_I, R3),
         asm.ja(loop),
         Label(bad),
         asm.st(Size.W, R7, TCP_OPT_STATE, TCP_OPT_BAD),
@@ -1105,9 +1138,11 @@ _BTF_INT_SIGNED = 1 << 24
 _LINKAGE = {FuncKind.MAIN: 0, FuncKind.GLOBAL: 1, FuncKind.COUNT: 1}  # static 0, global 1
 
 
-def func_btf(funcs: Sequence[tuple[str, FuncKind]]) -> tuple[bytes, list[int]]:
-    """A raw BTF blob declaring ``funcs`` (C identifiers) and the meta area type; returns
-    it with each function's FUNC type id, for bpf_func_info."""
+def func_btf(funcs: Sequence[tuple[str, FuncKind]],
+             meta: int = META_SIZE) -> tuple[bytes, list[int]]:
+    """A raw BTF blob declaring ``funcs`` (C identifiers) and the meta area type, ``meta``
+    bytes long (meta_size of the program); returns it with each function's FUNC type id, for
+    bpf_func_info."""
     strings = bytearray(b"\0")
     types = bytearray()
     count = 0
@@ -1125,8 +1160,8 @@ def func_btf(funcs: Sequence[tuple[str, FuncKind]]) -> tuple[bytes, list[int]]:
 
     t_int = add(name("int"), _BTF_INT, 0, 4, struct.pack("<I", _BTF_INT_SIGNED | 32))
     t_u8 = add(name("unsigned char"), _BTF_INT, 0, 1, struct.pack("<I", 8))
-    t_arr = add(0, _BTF_ARRAY, 0, 0, struct.pack("<III", t_u8, t_int, META_SIZE))
-    t_meta = add(name("bpfilter_meta"), _BTF_STRUCT, 1, META_SIZE,
+    t_arr = add(0, _BTF_ARRAY, 0, 0, struct.pack("<III", t_u8, t_int, meta))
+    t_meta = add(name("bpfilter_meta"), _BTF_STRUCT, 1, meta,
                  struct.pack("<III", name("bytes"), t_arr, 0))
     t_meta_ptr = add(0, _BTF_PTR, 0, t_meta)
     t_void_ptr = add(0, _BTF_PTR, 0, 0)

@@ -203,10 +203,7 @@ class PacketFlavor:
             raise ValueError(f"{self.hook.name} programs cannot gather {', '.join(extra)}")
         out: list[nf.Item] = [
             asm.mov64(R6, R1, comment="r6 = ctx"),
-            asm.mov64(R7, FP),
-            asm.add64(R7, nf.META, comment="r7 = meta area"),
-            *[asm.st(Size.DW, R7, off, 0) for off in range(0, nf.META_SIZE, 8)],
-            asm.st(Size.DW, FP, nf.SCRATCH, 0),
+            *nf.meta_frame(needs),
             *self.context_facts(needs),
         ]
         if needs.devices:

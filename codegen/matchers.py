@@ -1024,7 +1024,7 @@ def emit_mac(em: Emitter, rule: Rule, m: Match | None) -> None:
     negatable(em, o.negated, test)
 
 
-SCTP_HEADER = 12  # sizeof(struct sctphdr): sctp_mt hot-drops a shorter one
+SCTP_HEADER = nf.SCTP_COMMON_HEADER  # sctp_mt hot-drops a shorter one
 
 
 def sctp_chunk_set(chunks: str) -> set[int]:
@@ -1352,6 +1352,12 @@ MATCHERS: dict[str, Matcher] = {
         _refused("srh", "it walks the IPv6 segment routing header and its segment list, "
                  "which bpfilter does not compile yet"),
         _refused("ipcomp", "bpfilter does not compile the IPComp header test yet"),
+        _refused("rateest", "it reads the rate estimators of RATEEST targets (gen_estimator), "
+                 "which BPF programs cannot reach"),
+        _refused("bpf", "it runs a classic BPF program or a pinned socket filter, which "
+                 "bpfilter does not translate yet"),
+        _refused("cluster", "it hashes the conntrack entry's original source address "
+                 "(jhash), which bpfilter does not compile yet"),
     )
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import operator
 import re
@@ -40,6 +41,8 @@ from bpfilter.ir.model import (
     Table,
     Target,
     TargetKind,
+    make_match,
+    make_option,
     make_rule,
 )
 from bpfilter.ir.targets import TARGETS, UNSUPPORTED_TARGETS, VERDICTS
@@ -116,6 +119,7 @@ class _Plan:
     target: Target | None
     jump_chain: str | None  # a user chain that must still exist when the line runs
     exts: tuple[_PlanExt, ...]
+    ctx: Ctx | None = None  # what the extensions see (the same for every such line)
     # Rule fields every such line shares (-p 0 "all" is no protocol match).
     fragment: bool | None = None
     rule_proto: int | None = None
@@ -177,7 +181,8 @@ _FAST: dict[str, Template | None] = {}
 # A plain line's shape in one C-level pass: every word that is not an option-like word
 # ("-x...") or "!" becomes "V" (the same rule as shape_word).
 _SHAPE_SUB = re.compile(r"(?<![^ \t])(?:[^-! \t][^ \t]*|-(?![^ \t])|![^ \t]+)").sub
-# (extension, raw options, context) -> the finished Match or Target, shared between rules.
+# (extension, raw options, context) or (plan extension uid, option words) -> the finished
+# Match or Target, shared between rules.
 _EXT_CACHE: dict[tuple[object, ...], Match | Target] = {}
 _BLANK_WORD = re.compile(r"[^ \t\n]+")
 _PLAIN = re.compile(r"[\x20-\x7e\t]*").fullmatch
@@ -222,6 +227,11 @@ class _Parser:
         self.cur: _TableB | None = None
         self.lineno = 0
         self.prev_plan: _Plan | None = None  # the plan the previous rule line took
+        # For tests, the references the shortcuts are checked against. shortcuts=False:
+        # every rule line is tokenised with columns, normalised and executed (no fast
+        # tokenising, no runs). plans=False as well: every rule built by build_rules.
+        self.shortcuts = True
+        self.plans = True
 
     def error(self, message: str, col: int = 1, exit_code: int = EXIT_PARAMETER,
               line: int | None = None) -> ParseError:
@@ -361,7 +371,7 @@ class _Parser:
             counters = _counters(line[: end + 1])
             body = line[end + 1:]
             offset = end + 1
-        if _PLAIN(body):
+        if self.shortcuts and _PLAIN(body):
             # Fast path: columns are only computed if an error needs one. Without quoting
             # str.split() tokenises exactly like iptables-restore.
             key: str | None
@@ -397,18 +407,23 @@ class _Parser:
 
     def append_planned(self, tpl: Template, texts: Sequence[str], cols: _LazyCols) -> bool:
         """Fastest path: an append to an existing chain through its shape's plan (False: the
-        line needs execute()). execute() checks nothing before planned_rule() for such a line
-        (an existing chain's name is never too long), so errors come out the same."""
+        line needs execute()). For such a line execute() checks only the chain name's length
+        before planned_rule(), so errors come out the same."""
         assert self.cur is not None
         chain_name = texts[tpl.cmd_args[0]]
         c = self.cur.chains.get(chain_name)
-        if c is None:
+        if c is None or len(chain_name) > CHAIN_NAME_MAX:
             return False
-        plan = self.plan_of(tpl, tpl.static(texts) if tpl.static_n else (),
-                            texts, chain_name)
+        static = tpl.static(texts) if tpl.static_n else ()
+        plan = _PLANS.get((tpl, static, chain_name, self.cur.name, self.bits), False)
+        if plan is False:
+            plan = self.plan_of(tpl, static, texts, chain_name)
         if plan is None:
             return False
-        rule = self.apply_plan(plan, texts, cols, chain_name, cols.first)
+        assert isinstance(plan, _Plan)
+        body = cols.body
+        col = cols.offset + 1 if body[:1] not in (" ", "\t") else cols.first
+        rule = self.apply_plan(plan, texts, cols, chain_name, col)
         if rule is None:
             return False
         c.rules.append(rule)
@@ -534,7 +549,7 @@ class _Parser:
             ci = tpl.cmd_args[0]
             chain_name = texts[ci]
             rules = None
-            if counters is None and tpl.static is not None:
+            if counters is None and tpl.static is not None and self.plans:
                 col = cols.first if isinstance(cols, _LazyCols) else cols[0]
                 rules = self.planned_rule(tpl, tpl.static(texts) if tpl.static_n else (),
                                           texts, cols, chain_name, col)
@@ -902,8 +917,8 @@ class _Parser:
         fragment = fields.get("fragment")
         assert fragment is None or isinstance(fragment, bool)
         return _Plan(src, dst, fields, tuple(ifaces), proto, proto_neg, target, jump_chain,
-                     tuple(exts), fragment, proto if proto else None,
-                     proto_neg if proto else False)
+                     tuple(exts), Ctx(self.bits, proto, proto_neg, self.cur.name, chain),
+                     fragment, proto if proto else None, proto_neg if proto else False)
 
     def plan_of(self, tpl: Template, static: object, texts: Sequence[str], chain: str
                 ) -> _Plan | None:
@@ -942,19 +957,20 @@ class _Parser:
         matches: tuple[Match, ...] = ()
         if plan.exts:
             found = []
-            ctx_key = (plan.proto, plan.proto_neg, self.cur.name, chain, self.bits)
             for pe in plan.exts:
-                ext_key = (pe.uid, pe.values(texts), ctx_key)  # type: ignore[arg-type]
+                # The uid stands for the plan's extension and context (one plan per shape,
+                # -m/-j/-p words, chain, table and family).
+                ext_key = (pe.uid, pe.values(texts))  # type: ignore[arg-type]
                 obj = _EXT_CACHE.get(ext_key)
                 if obj is None:
                     if cols is None:
                         return None
-                    inst = _ExtInst(pe.ext, {}, pe.index, is_target=pe.is_target)
+                    assert plan.ctx is not None
+                    inst = _ExtInst(pe.ext, {}, pe.index, pe.is_target)
                     for opt, neg, args, index in pe.items:
-                        inst.raw.append((opt, neg, tuple([texts[i] for i in args]), index,
-                                         args[0] if args else index))
-                    ctx = Ctx(self.bits, plan.proto, plan.proto_neg, self.cur.name, chain)
-                    obj = self.finish(inst, ctx, target, cols)
+                        _apply_option(inst, opt, neg, tuple([texts[i] for i in args]), plan.ctx,
+                                      cols, index, args[0] if args else index)
+                    obj = self.finish(inst, plan.ctx, target, cols)
                     if len(_EXT_CACHE) < 65536:
                         _EXT_CACHE[ext_key] = obj
                 if pe.is_target:
@@ -1016,7 +1032,7 @@ class _Parser:
         if inst.is_target:
             assert target is not None
             return Target(target.kind, target.name, tuple(opts.values()))
-        return Match(inst.ext.name, tuple(opts.values()))
+        return make_match(inst.ext.name, tuple(opts.values()))
 
     def load_match(self, name: str, index: int, cols: Sequence[int] | None = None
                    ) -> _ExtInst:
@@ -1096,7 +1112,9 @@ def _apply_option(inst: _ExtInst, opt: str, neg: bool, vals: tuple[str, ...], ct
             value = spec.parse(vals, ctx)
         except ValueError_ as e:
             raise _ParamError(str(e), cols[arg_index]) from None
-    inst.opts[key] = Option(opt, value, neg)
+    elif vals:  # a word after an optional-argument option (OPTQ) this extension takes bare
+        raise _ParamError(f"Bad argument `{vals[0]}'", cols[arg_index])
+    inst.opts[key] = make_option(opt, value, neg)
 
 
 def _drop_any(p: Prefix | None, neg: object) -> Prefix | None:
@@ -1181,7 +1199,17 @@ def parse_restore(text: str, *, family: int = 4, filename: str = "<stdin>",
     """
     if family not in (4, 6):
         raise ValueError(f"family must be 4 or 6, not {family}")
-    return _Parser(family, filename, base).run(text)
+    # The parse allocates an object or more per word and keeps nearly all of them: the
+    # cyclic collector would rescan the growing ruleset again and again (a third of the
+    # time on 100,000 rules) and find nothing, as the IR makes no cycles. Collection resumes
+    # afterwards (and was only paused if it was on).
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _Parser(family, filename, base).run(text)
+    finally:
+        if paused:
+            gc.enable()
 
 
 __all__ = ["BUILTIN_CHAINS", "ParseError", "grammar_text", "parse_command", "parse_restore"]

@@ -192,7 +192,9 @@ _RULE_FIELDS = ("src", "src_neg", "dst", "dst_neg", "iif", "iif_neg", "oif", "oi
                 "proto", "proto_neg", "fragment", "matches", "target", "counters", "line",
                 "col")
 if tuple(f.name for f in fields(Rule)) != _RULE_FIELDS or \
-        tuple(f.name for f in fields(Prefix)) != ("addr", "mask", "bits"):
+        tuple(f.name for f in fields(Prefix)) != ("addr", "mask", "bits") or \
+        tuple(f.name for f in fields(Option)) != ("name", "value", "negated") or \
+        tuple(f.name for f in fields(Match)) != ("kind", "options"):
     raise ImportError("ir/model.py: the fast constructors do not match the dataclass fields")
 
 
@@ -243,7 +245,38 @@ def _prefix_maker() -> Callable[[int, int, int], Prefix]:
     return make_prefix
 
 
+def _option_maker() -> Callable[[str, object, bool], Option]:
+    s_name, s_value, s_negated = (Option.__dict__[n].__set__ for n in ("name", "value", "negated"))
+    new = object.__new__
+
+    def make_option(name: str, value: object, negated: bool) -> Option:
+        o = new(Option)
+        s_name(o, name)
+        s_value(o, value)
+        s_negated(o, negated)
+        return o
+
+    return make_option
+
+
+def _match_maker() -> Callable[[str, tuple[Option, ...]], Match]:
+    s_kind, s_options = (Match.__dict__[n].__set__ for n in ("kind", "options"))
+    new = object.__new__
+
+    def make_match(kind: str, options: tuple[Option, ...]) -> Match:
+        m = new(Match)
+        s_kind(m, kind)
+        s_options(m, options)
+        return m
+
+    return make_match
+
+
 make_rule = _rule_maker()
 make_rule.__doc__ = "Rule(...) with every field given positionally, in field order (faster)."
 make_prefix = _prefix_maker()
 make_prefix.__doc__ = "Prefix(addr, mask, bits), faster."
+make_option = _option_maker()
+make_option.__doc__ = "Option(name, value, negated), faster."
+make_match = _match_maker()
+make_match.__doc__ = "Match(kind, options), faster."

@@ -738,15 +738,29 @@ LED = Extension(
 )
 
 _USEC = 1000000
-_TIME_UNITS = {"": 1, "s": _USEC, "sec": _USEC, "ms": 1000, "msec": 1000, "us": 1,
-               "usec": 1}
+_TIME_UNITS = {"": 1, "s": _USEC, "sec": _USEC, "secs": _USEC, "ms": 1000, "msec": 1000,
+               "msecs": 1000, "us": 1, "usec": 1, "usecs": 1}
+# strtod's number forms: decimal with exponent, or hexadecimal with a binary exponent.
+_STRTOD = re.compile(r"[+-]?(?:0[xX](?P<hex>(?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)"
+                     r"(?:[pP][+-]?\d+)?)|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)")
 
 
 def _rateest_time(args: tuple[str, ...], ctx: Ctx) -> int:
-    m = re.match(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)(.*)", args[0])
-    if m is None or m.group(2) not in _TIME_UNITS:
-        raise fail(f"RATEEST: bad time value \"{args[0]}\"")
-    return int(float(m.group(1)) * _TIME_UNITS[m.group(2)]) & U32
+    """libxt_RATEEST: a strtod number, then nothing (microseconds) or a unit, any case."""
+    m = _STRTOD.match(args[0])
+    unit = args[0][m.end():].lower() if m else ""
+    if m is None or unit not in _TIME_UNITS:
+        raise fail(f"RATEEST: bad time value `{args[0]}'")
+    text = m.group(0)
+    if m.group("hex") is not None:
+        sign = -1.0 if text.startswith("-") else 1.0
+        value = sign * float.fromhex(text.lstrip("+-"))
+    else:
+        value = float(text)
+    t = value * _TIME_UNITS[unit]
+    if not 0 <= t < 2 ** 32:  # the C conversion to unsigned int has no meaning here
+        raise fail(f"RATEEST: time value `{args[0]}' is out of range")
+    return int(t)
 
 
 def _rateest_finalize(opts: Opts, ctx: Ctx) -> Opts:
@@ -863,27 +877,43 @@ TCPOPTSTRIP = Extension(
 )
 
 
+_ECN_TCP = ("--ecn-tcp-ece", "--ecn-tcp-cwr")
+
+
+def _ecn_bit(args: tuple[str, ...], ctx: Ctx) -> int:
+    # The grammar makes this argument optional (the ecn match takes none): require it here.
+    if not args:
+        raise fail("option requires an argument")
+    return parse_uint(args[0], 1, "ECN bit")
+
+
 def _ecn_t_finalize(opts: Opts, ctx: Ctx) -> Opts:
+    if "--ecn-tcp-remove" in opts:
+        for n in _ECN_TCP:
+            if n in opts:
+                raise fail(f"ECN: option \"--ecn-tcp-remove\" cannot be used together with "
+                           f"\"{n}\".")
     if not opts:
         raise fail("ECN target: at least one option is required")
-    if "--ecn-tcp-remove" in opts and (ctx.proto != 6 or ctx.proto_neg):
-        raise fail("ECN target: --ecn-tcp-remove is only valid with -p tcp")
-    return opts
+    # libipt_ECN: --ecn-tcp-remove sets both TCP bits to 0.
+    out = {n: Option(n, 0) for n in _ECN_TCP} if "--ecn-tcp-remove" in opts else {}
+    out.update({n: opts[n] for n in (*_ECN_TCP, "--ecn-ip-ect") if n in opts})
+    if any(n in out for n in _ECN_TCP) and (ctx.proto != 6 or ctx.proto_neg):
+        raise fail("ECN target: the TCP bits can only be set with -p tcp")  # ecn_tg_check
+    return out
 
 
 def _ecn_t_save(opts: Opts, ctx: Ctx) -> str:
-    # libipt_ECN prints --ecn-tcp-remove only when it is the whole operation; otherwise the
-    # TCP bits it sets (both cleared) and the IP codepoint.
-    ect = opts.get("--ecn-ip-ect")
-    if ect is None:
+    # libipt_ECN prints --ecn-tcp-remove when the operation is exactly both TCP bits set to 0.
+    if set(opts) == set(_ECN_TCP) and all(opts[n].value == 0 for n in _ECN_TCP):
         return "--ecn-tcp-remove"
-    head = "--ecn-tcp-ece 0 --ecn-tcp-cwr 0 " if "--ecn-tcp-remove" in opts else ""
-    return f"{head}--ecn-ip-ect {ect.value}"
+    return " ".join(f"{n} {opts[n].value}" for n in (*_ECN_TCP, "--ecn-ip-ect") if n in opts)
 
 
 ECN_T = Extension(
     "ECN", "target",
-    {"--ecn-tcp-remove": OptDef(None), "--ecn-ip-ect": OptDef(_uint(3, "ECT codepoint"))},
+    {"--ecn-tcp-remove": OptDef(None), "--ecn-ip-ect": OptDef(_uint(3, "ECT codepoint")),
+     "--ecn-tcp-ece": OptDef(_ecn_bit), "--ecn-tcp-cwr": OptDef(_ecn_bit)},
     _ecn_t_save, _ecn_t_finalize, families=frozenset({4}), tables=frozenset({"mangle"}),
 )
 

@@ -30,13 +30,19 @@ pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tool
 GOLDEN = Path(__file__).resolve().parents[1] / "unit" / "golden" / "extensions_more.txt"
 # The sets the golden SET target lines name (xt_SET checkentry looks them up).
 IPSETS = ("foo hash:ip", "bar hash:ip,port", "m hash:ip skbinfo")
+ESTIMATORS = ("RE1", "RE2")  # the rate estimators the golden rateest lines name
 
 
 def _oracle(ns: str, family: int, table: str, chain: str, rule: str) -> str:
-    res = restore(ns, f"*{table}\n-A {chain} {rule}\nCOMMIT\n", family=family)
+    # A rateest match needs its estimators: RATEEST rules ahead of it, left out of the result.
+    setup = "".join(f"-A {chain} -j RATEEST --rateest-name {n} --rateest-interval 250.0ms "
+                    "--rateest-ewmalog 500.0ms\n" for n in ESTIMATORS) if "-m rateest" in rule \
+        else ""
+    res = restore(ns, f"*{table}\n{setup}-A {chain} {rule}\nCOMMIT\n", family=family)
     out = "!"
     if res.rc == 0:
-        lines = [x for x in res.tables.get(table, "").splitlines() if x.startswith("-A ")]
+        lines = [x for x in res.tables.get(table, "").splitlines()
+                 if x.startswith("-A ") and (not setup or "-j RATEEST" not in x)]
         assert len(lines) == 1, lines
         out = lines[0][len(f"-A {chain} "):]
     # Leave the table empty for the next rule.

@@ -419,18 +419,25 @@ def test_ufw6_dump_prints_as_ip6tables_legacy_save(shared_dir: Path) -> None:
 def test_every_extension_header_match_together_in_nested_chains_loads() -> None:
     # The prologue's facts live on the main program's stack, which the verifier adds to the
     # frames of the chain functions called from it (at most 512 bytes in all): the deepest
-    # nesting with every IPv6 walk of this module, conntrack, TCP options and a stateful match.
+    # nesting with every IPv6 walk of this module, conntrack and a stateful match.
     rules = ["-m rt --rt-type 0", "-m frag --fragmore", "-m hbh --hbh-opts 1,5:2",
              "-m dst --dst-len 8 --dst-opts 0,1", "-m ipv6header --header hop,dst --soft",
-             "-p tcp --tcp-option 2", "-m conntrack --ctstate NEW", "-m limit --limit 5/s"]
-    depth = 4
+             "-m conntrack --ctstate NEW", "-m limit --limit 5/s"]
+    depth = 5
     lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
              *[f":c{i} - [0:0]" for i in range(depth)], "-A INPUT -j c0"]
     for i in range(depth):
         lines += [f"-A c{i} {r} -j RETURN" for r in rules]
         if i + 1 < depth:
             lines.append(f"-A c{i} -j c{i + 1}")
-    lines += ["-A c3 -m rt --rt-type 0 -j DROP", "COMMIT", ""]
+    lines += ["-A c4 -m rt --rt-type 0 -j DROP", "COMMIT", ""]
     with loader.TestRunner(compile_ruleset(parse_restore("\n".join(lines), family=6), 6)) as r:
         assert r.run(NfHook.LOCAL_IN, ip6(routing(0))) == ACCEPT  # RETURNs first, at c0
         assert r.run(NfHook.LOCAL_IN, ip6()) == ACCEPT
+
+
+def test_too_many_option_lists_are_refused_with_the_line() -> None:
+    rules = "\n".join(f"-A INPUT -m dst --dst-opts {n} -j DROP" for n in range(1, 18))
+    text = ruleset("-p udp", "ACCEPT", "ACCEPT").replace("-A INPUT -p udp -j ACCEPT", rules)
+    with pytest.raises(CompileError, match="line 21: a program tests at most 16 different"):
+        compile_ruleset(parse_restore(text, family=6), 6)

@@ -165,6 +165,9 @@ CASES4 = [
     ("-A INPUT -p udp --dport 53 -j ACCEPT", ip4(17, udp(payload=b"")[:7]), DROP),
     ("-A INPUT -p udp --dport 53 -j DROP", ip4(17, udp(payload=b"")), DROP),
     ("-A INPUT -p udp --dport 53 -j DROP", ip4(17, udp(), frag=1), ACCEPT),
+    # iptables 1.8.9's udp cuts port numbers to 16 bits (65589 is port 53)
+    ("-A INPUT -p udp --dport 65589 -j DROP", P4_UDP, DROP),
+    ("-A INPUT -p udp --dport 65589:65600 -j DROP", P4_UDP, DROP),
     # icmp
     ("-A INPUT -p icmp --icmp-type echo-request -j DROP", ip4(1, icmp(8)), DROP),
     ("-A INPUT -p icmp --icmp-type echo-request -j DROP", ip4(1, icmp(0)), ACCEPT),

@@ -72,19 +72,19 @@ def test_log_then_the_next_rule_decides() -> None:
 
 def test_nflog_in_a_user_chain_at_two_hooks_ipv6() -> None:
     compiled = ruleset("""
-        -A INPUT -j AUDIT
-        -A OUTPUT -j AUDIT
-        -A AUDIT -p udp -j NFLOG --nflog-group 9 --nflog-prefix "audit" --nflog-size 16 \
+        -A INPUT -j AUDITED
+        -A OUTPUT -j AUDITED
+        -A AUDITED -p udp -j NFLOG --nflog-group 9 --nflog-prefix "audit" --nflog-size 16 \
             --nflog-threshold 2
-        -A AUDIT -p udp -j DROP
-    """, family=6, chains="AUDIT")
+        -A AUDITED -p udp -j DROP
+    """, family=6, chains="AUDITED")
     packet = ip6(17, udp(53))
     with loader.TestRunner(compiled) as runner:
         assert runner.run(NfHook.LOCAL_IN, packet) == DROP
         assert runner.run(NfHook.LOCAL_OUT, packet) == DROP
         got = events(runner)
     assert [(e.hook, e.chain, e.position) for e in got] == [
-        (NfHook.LOCAL_IN, "AUDIT", 1), (NfHook.LOCAL_OUT, "AUDIT", 1)]
+        (NfHook.LOCAL_IN, "AUDITED", 1), (NfHook.LOCAL_OUT, "AUDITED", 1)]
     e = got[0]
     assert (e.kind, e.group, e.prefix, e.copy_len, e.threshold, e.family) == (
         rec.KIND_NFLOG, 9, "audit", 16, 2, 6)

@@ -153,8 +153,8 @@ def _ruleset(rules: tuple[Rule, ...], family: Family = Family.IP,
 
 
 def test_refusals_from_ir() -> None:
-    u32 = _ruleset((_rule(9, matches=(Match("u32", (Option("--u32", "0"),)),)),))
-    with pytest.raises(CompileError, match="^line 9: match 'u32' is not supported$"):
+    u32 = _ruleset((_rule(9, matches=(Match("quota2", (Option("--quota", "0"),)),)),))
+    with pytest.raises(CompileError, match="^line 9: match 'quota2' is not supported$"):
         compile_ruleset(u32)
     icmp6 = _ruleset((_rule(4, proto=58, matches=(Match("icmp6"),)),))
     with pytest.raises(CompileError, match="^line 4: match 'icmp6' is not supported for IPv4$"):

@@ -123,7 +123,7 @@ def test_every_fail_line_is_refused(shared_dir: Path) -> None:
     assert not accepted, "\n".join(accepted)
 
 
-@pytest.mark.parametrize("flag,ext", [("-m", "quota2"), ("-m", "cluster"), ("-j", "CLUSTERIP"),
+@pytest.mark.parametrize("flag,ext", [("-m", "quota2"), ("-m", "ipvs"), ("-j", "CLUSTERIP"),
                                       ("-j", "ULOG")])
 def test_unsupported_extensions_are_refused_by_name(flag: str, ext: str) -> None:
     with pytest.raises(ParseError, match=f"'{ext}' is not supported"):

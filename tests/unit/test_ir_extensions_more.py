@@ -1,5 +1,6 @@
 """The extensions added for front-end breadth (ecn, dccp, time, string, u32, devgroup, realm,
-connbytes, nfacct, physdev, policy, socket, cgroup, connlabel, osf, srh, hbh, dst, ipcomp;
+connbytes, nfacct, physdev, policy, socket, cgroup, connlabel, osf, srh, hbh, dst, ipcomp,
+cluster, bpf, rateest;
 NFQUEUE, QUEUE, TRACE, TEE, TPROXY, NETMAP, DNPT/SNPT, AUDIT, CLASSIFY, CONNSECMARK, SECMARK,
 IDLETIMER, LED, RATEEST, SYNPROXY, TCPOPTSTRIP, ECN, SET, HMARK): iptables-save text and
 refusals as iptables-legacy 1.8.9 gives them (tests/unit/golden/extensions_more.txt, checked
@@ -51,7 +52,7 @@ def test_golden_covers_every_new_extension() -> None:
     text = GOLDEN.read_text()
     for name in ("ecn", "dccp", "time", "string", "u32", "devgroup", "realm", "connbytes",
                  "physdev", "policy", "socket", "cgroup", "connlabel", "srh", "hbh", "dst",
-                 "ipcomp"):
+                 "ipcomp", "cluster", "bpf", "rateest"):
         assert f"-m {name} " in text, name
     for name in ("NFQUEUE", "QUEUE", "TRACE", "TEE", "TPROXY", "NETMAP", "DNPT", "SNPT",
                  "AUDIT", "CLASSIFY", "CONNSECMARK", "IDLETIMER", "RATEEST", "SYNPROXY",
@@ -79,6 +80,10 @@ KERNEL_OBJECTS = [
     (4, "filter", "INPUT", "-m cgroup --path /a/b", '-m cgroup --path "/a/b"'),
     (4, "mangle", "PREROUTING", "-j SECMARK --selctx foo", "-j SECMARK --selctx foo"),
     (4, "filter", "INPUT", "-j SET --add-set nosuch src", "-j SET --add-set nosuch src"),
+    (4, "filter", "INPUT", "-m bpf --object-pinned /sys/fs/bpf/x",
+     "-m bpf --object-pinned /sys/fs/bpf/x"),
+    (4, "filter", "INPUT", "-m rateest --rateest RE3 --rateest-lt --rateest-bps 8bit",
+     "-m rateest --rateest RE3 --rateest-lt --rateest-bps 8bit"),
 ]
 
 
@@ -128,14 +133,20 @@ def test_policy_proto_and_the_protocol_abbreviation() -> None:
 def test_arity_of_every_new_option_matches_its_table() -> None:
     for name in ("ecn", "dccp", "time", "string", "u32", "devgroup", "realm", "connbytes",
                  "nfacct", "physdev", "policy", "socket", "cgroup", "connlabel", "osf", "srh",
-                 "hbh", "dst", "ipcomp"):
+                 "hbh", "dst", "ipcomp", "cluster", "bpf", "rateest"):
         for opt, spec in MATCHES[name].options.items():
-            assert arity(opt) == (0 if spec.parse is None else 1), (name, opt)
+            # rateest's rates and packet counts are optional words (OPTQ, arity 0).
+            optional = name == "rateest" and opt[-4:-1] in ("bps", "pps") or \
+                opt in ("--rateest-bps", "--rateest-pps")
+            want = 0 if spec.parse is None or optional else 1
+            assert arity(opt) == want, (name, opt)
     for name in ("NFQUEUE", "TEE", "TPROXY", "NETMAP", "DNPT", "SNPT", "AUDIT", "CLASSIFY",
                  "CONNSECMARK", "SECMARK", "IDLETIMER", "LED", "RATEEST", "SYNPROXY",
                  "TCPOPTSTRIP", "ECN", "SET", "HMARK"):
         for opt, spec in TARGETS[name].options.items():
             want = 0 if spec.parse is None else 2 if opt.endswith("-set") else 1
+            if opt in ("--ecn-tcp-ece", "--ecn-tcp-cwr"):
+                want = 0  # OPTQ: an optional word the target requires and the match refuses
             assert arity(opt) == want, (name, opt)
 
 

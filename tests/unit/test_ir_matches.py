@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bpfilter.grammar.errors import ParseError
@@ -88,3 +90,35 @@ def test_rate_round_trip() -> None:
 def test_every_match_has_a_save_and_known_options() -> None:
     for ext in MATCHES.values():
         assert ext.kind == "match" and ext.options is not None and callable(ext.save)
+
+
+@pytest.mark.parametrize(("rule", "saved"), [
+    ("-p udp --dport 69887", "-p udp -m udp --dport 4351"),
+    ("-p udp --dport 70000:80000", "-p udp -m udp --dport 4464:14464"),
+    ("-p udp --sport 65536", "-p udp -m udp --sport 0"),
+    ("-p udp --dport 4294967297", "-p udp -m udp --dport 1"),
+    ("-p udp --dport 080", "-p udp -m udp --dport 80"),
+    ("-p udp --dport domain:70000", "-p udp -m udp --dport 53:4464"),
+    ("-p udp --dport +5", "-p udp -m udp --dport 5"),
+])
+def test_udp_ports_as_iptables_1_8_9(rule: str, saved: str) -> None:
+    """libxt_udp (1.8.9) cuts port numbers to 16 bits, unlike tcp (checked against
+    iptables-legacy 1.8.9 in a namespace). It also keeps a reversed range, which later
+    versions and the upstream tests refuse: refused here (test_udp_and_tcp_port_errors)."""
+    rs = parse_command(["-A", "INPUT", *rule.split(), "-j", "DROP"], family=4, table="filter")
+    chain = rs.tables[0].chain("INPUT")
+    assert chain is not None
+    assert format_rule(chain.rules[0], "INPUT", bits=32, table="filter") == \
+        f"-A INPUT {saved} -j DROP"
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ("-p udp --dport foo", 'Port "foo" does not resolve to anything.'),
+    ("-p udp --dport 0x50", 'Port "0x50" does not resolve to anything.'),
+    ("-p udp --dport 1:2:3", 'udp: Too many components for option "--destination-port"'),
+    ("-p tcp --dport 69887", "invalid port/service `69887' specified"),
+    ("-p udp --dport 80:70", "invalid portrange (min > max) `80:70'"),
+])
+def test_udp_and_tcp_port_errors(rule: str, message: str) -> None:
+    with pytest.raises(ParseError, match=re.escape(message)):
+        parse_command(["-A", "INPUT", *rule.split(), "-j", "DROP"], family=4, table="filter")
