@@ -8,13 +8,18 @@ Usage: .venv/bin/python bench/bench_restore.py [--rules N] [--runs R] [--changes
   198.18.0.0/15) loaded by ``bpfilter-restore --netns NS FILE`` and by
   ``ip netns exec NS iptables-legacy-restore FILE`` (same file, a fresh namespace per run),
   whole-process wall time, parse to attached;
-- insert: one ``-I INPUT -s ADDR -j DROP`` into that loaded ruleset by ``bpfilter-iptables``
+- insert: ``-I INPUT -s ADDR -j DROP`` into that loaded ruleset by ``bpfilter-iptables``
+  (``--inserts`` times per run, each followed by the ``-D`` of the same rule, timed apart)
   and by ``ip netns exec NS iptables-legacy``: whole-command wall time, and bpfilter's own
   time for the change (``--json``: ``incremental.seconds`` from the first pin to the switch,
-  ``incremental.write_seconds`` the map writes and the switch alone);
+  ``incremental.write_seconds`` the map writes and the switch alone); ``python_startup`` is
+  ``python -c pass`` with the same interpreter, the floor of any command. The package is
+  byte-compiled first, as an installed one is (the timed processes then load bytecode even
+  when PYTHONDONTWRITEBYTECODE is set);
 - changes: M single-rule changes (inserts at random positions, then deletes) one after
-  another into the loaded blocklist, in one process (bpfilter.iptables_cmd.main, so the
-  interpreter's start-up is not counted M times), timed per 1,000 to show how the cost grows.
+  another into the loaded blocklist, in one process (bpfilter.fastcmd.main, the command's
+  entry point, so the interpreter's start-up is not counted M times), timed per 1,000 to
+  show how the cost grows.
 
 ``ip netns exec`` itself costs a few milliseconds: the ``netns_exec`` series measures it
 (``ip netns exec NS true``). Writes bench/results/restore.json and prints a summary.
@@ -38,7 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bpfilter import iptables_cmd, testbed
+from bpfilter import fastcmd, testbed
 from bpfilter.restore import LOCK_ENV
 
 HERE = Path(__file__).resolve().parent
@@ -82,7 +87,14 @@ def _unused(rng: random.Random, taken: set[int]) -> int:
             return a
 
 
-def measure(n: int, runs: int, changes: int) -> dict[str, Any]:
+def _byte_compile() -> None:
+    root = HERE.parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q",
+                    *(str(root / d) for d in ("bpfilter", "grammar", "ir", "codegen"))],
+                   check=True, timeout=TIMEOUT)
+
+
+def measure(n: int, runs: int, changes: int, inserts: int = 10) -> dict[str, Any]:
     rng = random.Random(SEED)
     text, addrs = blocklist(n, rng)
     taken = set(addrs)
@@ -95,8 +107,10 @@ def measure(n: int, runs: int, changes: int) -> dict[str, Any]:
         nsexec: list[float] = []
         insert: list[float] = []
         insert_ipt: list[float] = []
+        delete: list[float] = []
         commit: list[float] = []
         write: list[float] = []
+        startup = [_timed([sys.executable, "-c", "pass"])[0] for _ in range(max(5, runs))]
         for _ in range(runs):
             ns = testbed.unique_name("bpfb")
             ref = testbed.unique_name("bpfb")
@@ -109,26 +123,32 @@ def measure(n: int, runs: int, changes: int) -> dict[str, Any]:
                                   str(path)])
                 theirs.append(took)
                 nsexec.append(_timed(["ip", "netns", "exec", ref, "true"])[0])
+                ipt = [str(BIN / "bpfilter-iptables"), "--netns", ns]
+                for _ in range(inserts):  # as a user runs it: no --json
+                    rule = ["INPUT", "-s", _dotted(_unused(rng, taken)), "-j", "DROP"]
+                    insert.append(_timed([*ipt, "-I", *rule])[0])
+                    delete.append(_timed([*ipt, "-D", *rule])[0])
                 new = _dotted(_unused(rng, taken))
-                took, proc = _timed([str(BIN / "bpfilter-iptables"), "--netns", ns, "--json",
-                                     "-I", "INPUT", "-s", new, "-j", "DROP"])
+                _, proc = _timed([*ipt, "--json", "-I", "INPUT", "-s", new, "-j", "DROP"])
                 doc = json.loads(proc.stdout)
                 if not doc.get("incremental"):
                     raise RuntimeError(f"the insert rebuilt: {doc.get('rebuilt')}")
-                insert.append(took)
                 commit.append(doc["incremental"]["seconds"])
                 write.append(doc["incremental"]["write_seconds"])
-                took, _ = _timed(["ip", "netns", "exec", ref, "iptables-legacy", "-I", "INPUT",
-                                  "-s", new, "-j", "DROP"])
-                insert_ipt.append(took)
+                for _ in range(inserts):
+                    took, _ = _timed(["ip", "netns", "exec", ref, "iptables-legacy", "-I",
+                                      "INPUT", "-s", _dotted(_unused(rng, taken)), "-j", "DROP"])
+                    insert_ipt.append(took)
             finally:
                 testbed.delete(ns)
                 testbed.delete(ref)
         out["restore"] = {"bpfilter": _series(ours), "iptables_legacy": _series(theirs),
                           "netns_exec": _series(nsexec)}
         out["insert"] = {"bpfilter": _series(insert), "iptables_legacy": _series(insert_ipt),
+                         "bpfilter_delete": _series(delete),
                          "bpfilter_commit": _series(commit),
-                         "bpfilter_map_write": _series(write)}
+                         "bpfilter_map_write": _series(write),
+                         "python_startup": _series(startup)}
         if changes:
             out["changes"] = _changes(path, addrs, taken, changes, rng)
     return out
@@ -158,8 +178,8 @@ def _changes(path: Path, addrs: list[int], taken: set[int], m: int,
                 argv = ["-D", "INPUT", "-s", added.pop(rng.randrange(len(added))), "-j", "DROP"]
                 size -= 1
             sink = io.StringIO()
-            code = iptables_cmd.main([*argv, "--netns", ns, "--json"], stdout=sink,
-                                     stderr=sys.stderr)
+            code = fastcmd.main([*argv, "--netns", ns, "--json"], stdout=sink,
+                                stderr=sys.stderr)
             if code != 0:
                 raise RuntimeError(f"{argv}: exit {code}")
             if not json.loads(sink.getvalue()).get("incremental"):
@@ -179,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rules", type=int, default=100_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--changes", type=int, default=10_000)
+    ap.add_argument("--inserts", type=int, default=10, help="single commands timed per run")
     ap.add_argument("--quick", action="store_true", help="10,000 rules, 1 run, 1,000 changes")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -188,18 +209,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_restore: must run as root (namespaces, bpf)", file=sys.stderr)
         return 1
     os.environ.setdefault(LOCK_ENV, f"/run/bpfilter/lock-bench-{os.getpid()}")
-    result = measure(args.rules, args.runs, args.changes)
+    _byte_compile()
+    result = measure(args.rules, args.runs, args.changes, args.inserts)
     doc = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "python": platform.python_version()},
-           "load_average": os.getloadavg(), "seed": SEED, **result}
+           "load_average": os.getloadavg(), "seed": SEED, "bytecode": "precompiled",
+           **result}
     args.output.parent.mkdir(exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=1) + "\n")
     r, i = result["restore"], result["insert"]
     print(f"restore {args.rules} rules: bpfilter {r['bpfilter']['median']:.3f} s, "
           f"iptables-legacy {r['iptables_legacy']['median']:.3f} s "
           f"(ip netns exec alone {r['netns_exec']['median'] * 1e3:.1f} ms)")
-    print(f"insert one rule: bpfilter {i['bpfilter']['median'] * 1e3:.1f} ms (commit "
+    print(f"insert one rule: bpfilter {i['bpfilter']['median'] * 1e3:.1f} ms (min "
+          f"{i['bpfilter']['min'] * 1e3:.1f} ms; delete {i['bpfilter_delete']['median'] * 1e3:.1f}"
+          f" ms; python -c pass {i['python_startup']['median'] * 1e3:.1f} ms; commit "
           f"{i['bpfilter_commit']['median'] * 1e3:.2f} ms, map write "
           f"{i['bpfilter_map_write']['median'] * 1e6:.0f} us), iptables-legacy "
           f"{i['iptables_legacy']['median'] * 1e3:.1f} ms")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from bpfilter import __version__
+
+if TYPE_CHECKING:
+    import argparse
 
 # Each subcommand lives in its own module `bpfilter.cmd_<name>` exposing
 # `register(subparsers) -> argparse.ArgumentParser` and `run(args) -> int`.
@@ -18,6 +21,8 @@ SUBCOMMANDS: tuple[str, ...] = ("demo", "translate", "flush", "status", "log", "
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser with every subcommand, or with ``only`` that one (its module alone is
     imported: some pull in the whole kernel layer, which a `translate` need not pay for)."""
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="bpfilter",
         description="Compile iptables and nftables rulesets into eBPF programs.",
@@ -68,9 +73,11 @@ def save6_main() -> int:
 
 
 def iptables_main() -> int:
-    from bpfilter import iptables_cmd
+    # A blocklist change takes a path that imports only the kernel layer (bpfilter.fastcmd);
+    # every other command goes on from there to bpfilter.iptables_cmd.
+    from bpfilter import fastcmd
 
-    return iptables_cmd.main(sys.argv[1:], 4)
+    return fastcmd.main(sys.argv[1:], 4)
 
 
 def ip6tables_main() -> int:

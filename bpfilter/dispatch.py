@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from bpfilter import bpf, bpffs
-from bpfilter.attach_netfilter import NetfilterOptions, attach_netfilter
-from bpfilter.codegen import asm
-from bpfilter.codegen.compiler import HOOKS, PRIORITY
-from bpfilter.codegen.helpers import BpfFunc
-from bpfilter.codegen.insn import R0, R1, R2, R3, R6, Insn
-from bpfilter.codegen.link import link
-from bpfilter.codegen.lookup import BUFFER_BIT
-from bpfilter.codegen.opcodes import Size
-from bpfilter.codegen.spec import MapSpec, ProgramSpec
-from bpfilter.codegen.uapi import AttachType, MapType, NfHook, NfProto, NfVerdict, ProgType
+from bpfilter.codegen.names import BUFFER_BIT, HOOKS, PRIORITY
+from bpfilter.codegen.spec import MapSpec
+from bpfilter.codegen.uapi import MapType, NfHook, NfProto
+
+if TYPE_CHECKING:
+    from bpfilter.codegen import asm
+    from bpfilter.codegen.insn import Insn
+
+# The code generator and the attach layer are imported where a dispatcher is built: a
+# change of map entries only (bpfilter.fastcmd) reads and switches the maps, nothing more.
 
 # How a table is switched (the invariant everything else relies on):
 #
@@ -107,6 +108,12 @@ PROGS_SPEC = MapSpec("bpfilter_progs", MapType.PROG_ARRAY, 4, 4, 2 * SLOTS)
 
 def dispatcher_code(hook: NfHook) -> list[Insn | asm.Label]:
     """The dispatcher of ``hook``: tail-call the current generation's program, else ACCEPT."""
+    from bpfilter.codegen import asm
+    from bpfilter.codegen.helpers import BpfFunc
+    from bpfilter.codegen.insn import R0, R1, R2, R3, R6
+    from bpfilter.codegen.opcodes import Size
+    from bpfilter.codegen.uapi import NfVerdict
+
     return [
         asm.mov64(R6, R1, comment="ctx"),
         asm.ld_map_value(R2, "ctl", 0, comment="&generation"),
@@ -125,6 +132,10 @@ def dispatcher_code(hook: NfHook) -> list[Insn | asm.Label]:
 
 def load_dispatcher(hook: NfHook, ctl: bpf.Map, progs: bpf.Map) -> bpf.Prog:
     """Load (not attach) the dispatcher of ``hook`` over the table's ``ctl`` and ``progs``."""
+    from bpfilter.codegen.link import link
+    from bpfilter.codegen.spec import ProgramSpec
+    from bpfilter.codegen.uapi import AttachType, ProgType
+
     linked = link(dispatcher_code(hook), maps={"ctl": ctl.fd, "progs": progs.fd})
     spec = ProgramSpec(DISPATCHER_NAME, ProgType.NETFILTER, linked.code,
                        expected_attach_type=AttachType.NETFILTER)
@@ -223,6 +234,8 @@ def ensure_dispatch(key: TableKey, netns: str | None) -> Dispatch:
     pinned link dies with this process. Until a generation is switched in the dispatchers
     accept every packet, as if nothing were loaded.
     """
+    from bpfilter.attach_netfilter import NetfilterOptions, attach_netfilter
+
     ctl = _get_or_create(pin_name(key, "ctl"), netns, CTL_SPEC)
     try:
         progs = _get_or_create(pin_name(key, "progs"), netns, PROGS_SPEC)

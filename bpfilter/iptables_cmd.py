@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
-from bpfilter import bpf, bpffs, delegate, netns, sets, state
+from bpfilter import bpf, bpffs, delegate, lark_cache, netns, sets, state
 from bpfilter.codegen.compiler import COUNTERS, HOOKS, CompileError
 from bpfilter.dispatch import TableKey, pin_name
 from bpfilter.grammar.errors import EXIT_PARAMETER, ParseError
 from bpfilter.grammar.getopt import arity, normalize
 from bpfilter.grammar.iptables import BUILTIN_CHAINS, CHAIN_NAME_MAX, parse_command, parse_restore
 from bpfilter.grammar.tokenize import Word
-from bpfilter.incremental import Blocklist, Rebuild, blocklist_change, edit_text, rule_key
+from bpfilter.incremental import Blocklist, Rebuild, blocklist_change, rule_key
 from bpfilter.ir import checks
 from bpfilter.ir.iptables_save import format_rule
 from bpfilter.ir.matches import ICMP6_TYPES, ICMP_TYPES, MATCHES, Ctx
@@ -25,6 +25,7 @@ from bpfilter.ir.model import Chain, Option, PortRange, Prefix, Rule, Ruleset, T
 from bpfilter.ir.optimizer import KeyField, _shapes, prefix_length
 from bpfilter.ir.targets import TARGETS, UNSUPPORTED_TARGETS, VERDICTS
 from bpfilter.ir.values import format_prefix_short, proto_name
+from bpfilter.layout import edit_blob, find_rule
 from bpfilter.loader import LoadError
 from bpfilter.restore import EXIT_RESOURCE, CliExit, RestoreOptions, locked, restore_table
 
@@ -826,7 +827,7 @@ def _blocklist_command(cmd: CommandLine, key: TableKey) -> Result | None:
             if pos > n:
                 return None
         else:
-            pos = next((i for i in range(n) if b.keys[i] == k and b.acts[i] == act), -1)
+            pos = find_rule(b.keys, b.acts, k, act)
             if pos < 0:
                 return None
             action, line = None, None
@@ -835,7 +836,8 @@ def _blocklist_command(cmd: CommandLine, key: TableKey) -> Result | None:
                                   dirty=state.dirty_keys(head))
     except Rebuild:
         return None
-    text = edit_text(head.text(), cmd.chain, n, pos, line)
+    text = edit_blob(head.blob(), cmd.chain, n, pos,
+                     None if line is None else line.encode("utf-8", "surrogateescape"))
     done = state.apply_change(head, change, text)
     rules = sum(len(s) for s in change.layout.slots.values())
     return Result(0, "", data={"changed": True, "generation": done.generation, "rules": rules,
@@ -905,6 +907,7 @@ def main(argv: Sequence[str], family: int = 4, *, stdout: IO[str] | None = None,
     """The whole command; returns the exit code."""
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
+    lark_cache.install()  # the grammar's tables from disk: every command reads options
     cmd: CommandLine | None = None
     handed = delegate.single(argv, family, TOOL[family])  # -t nat etc. with --delegate
     if handed is not None:

@@ -4,7 +4,6 @@ codes; each table compiled, loaded and switched in atomically at its COMMIT."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -34,6 +33,9 @@ from bpfilter.grammar.iptables import parse_restore
 from bpfilter.ir.iptables_save import to_iptables_save
 from bpfilter.ir.model import Ruleset, Table
 from bpfilter.loader import CounterKey, LoadError, load_programs
+from bpfilter.lockfile import LOCK_ENV as LOCK_ENV  # re-exported: tests and benchmarks
+from bpfilter.lockfile import LOCK_PATH as LOCK_PATH
+from bpfilter.lockfile import lock_path, open_lock, try_lock
 
 # Messages say "iptables-restore v1.8.9 (legacy)" where iptables-restore says it, so tools
 # that match on iptables' stderr keep working; our own messages name the bpfilter tool.
@@ -42,8 +44,6 @@ IPT_VERSION = "v1.8.9 (legacy)"
 TOOL = {4: "bpfilter-restore", 6: "bpfilter6-restore"}
 EXIT_OTHER = 1  # usage errors, unreadable input
 EXIT_RESOURCE = 4  # lock timeout, kernel refusal, no permission (iptables' RESOURCE_PROBLEM)
-LOCK_PATH = Path("/run/bpfilter/lock")
-LOCK_ENV = "BPFILTER_LOCK"  # another lock file (separate test runs on one machine)
 LOCK_POLL = 0.05
 
 
@@ -220,25 +220,19 @@ def locked(wait: float | None, path: Path | None = None) -> Iterator[None]:
     """Serialise restores (and other state changes): flock on ``path`` (default: $BPFILTER_LOCK
     or /run/bpfilter/lock), waiting ``wait`` seconds (None: not at all, inf: for ever);
     CliExit with exit 4 when it stays taken."""
-    if path is None:
-        path = Path(os.environ.get(LOCK_ENV) or LOCK_PATH)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_lock(lock_path() if path is None else path)
     try:
         deadline = time.monotonic() + (wait if wait is not None else 0.0)
         while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if try_lock(fd):
                 break
-            except BlockingIOError:
-                if wait is None:
-                    raise CliExit(EXIT_RESOURCE, err="Another app is currently holding the "
-                                  "bpfilter lock. Perhaps you want to use the -w option?\n"
-                                  ) from None
-                if time.monotonic() >= deadline:
-                    raise CliExit(EXIT_RESOURCE, err="Another app is currently holding the "
-                                  f"bpfilter lock. Stopped waiting after {wait:g}s.\n") from None
-                time.sleep(LOCK_POLL)
+            if wait is None:
+                raise CliExit(EXIT_RESOURCE, err="Another app is currently holding the "
+                              "bpfilter lock. Perhaps you want to use the -w option?\n")
+            if time.monotonic() >= deadline:
+                raise CliExit(EXIT_RESOURCE, err="Another app is currently holding the "
+                              f"bpfilter lock. Stopped waiting after {wait:g}s.\n")
+            time.sleep(LOCK_POLL)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -28,20 +28,20 @@ next change.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import signal
 import struct
-import subprocess
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from bpfilter import bpf, bpffs
 from bpfilter import netns as netns_mod
-from bpfilter.codegen import lookup
-from bpfilter.codegen.compiler import COUNTERS, CompiledRuleset, compile_ruleset
+from bpfilter.codegen.names import COUNTERS, CTL_MAP, buffer_names
 from bpfilter.codegen.spec import MapSpec
-from bpfilter.codegen.uapi import MapType, NfHook
+from bpfilter.codegen.uapi import MapFlag, MapType
 from bpfilter.dispatch import (
     Dispatch,
     TableKey,
@@ -53,10 +53,16 @@ from bpfilter.dispatch import (
     pin_name,
 )
 from bpfilter.dispatch import switch_map as dispatch_switch_map
-from bpfilter.grammar.iptables import parse_restore
-from bpfilter.incremental import Change, Layout, Rebuild, fresh_layout, plan_change
-from bpfilter.ir.model import Rule, Ruleset, Table
-from bpfilter.loader import CounterKey, Programs, growable, read_counters
+from bpfilter.layout import Change, Layout, Rebuild
+
+if TYPE_CHECKING:
+    from bpfilter.codegen.compiler import CompiledRuleset
+    from bpfilter.codegen.uapi import NfHook
+    from bpfilter.ir.model import Rule, Ruleset, Table
+    from bpfilter.loader import CounterKey, Programs
+
+# The parser, the compiler and the loader are imported by the functions that need them: a
+# change of a blocklist chain (bpfilter.fastcmd) works from the stored layout alone.
 
 TEXT_CHUNK = 16384
 KILL_ENV = "BPFILTER_KILL_AT"  # tests: SIGKILL this process at the named commit step
@@ -92,14 +98,19 @@ def store_text(text: str) -> bpf.Map:
 
 
 def store_blob(data: bytes, name: str = "bpfilter_text") -> bpf.Map:
-    """A new array map holding ``data`` (8-byte length, then the bytes)."""
-    data = _LEN.pack(len(data)) + data
-    n = max(1, -(-len(data) // TEXT_CHUNK))
-    m = bpf.map_create(MapSpec(name, MapType.ARRAY, 4, TEXT_CHUNK, n))
+    """A new array map holding ``data`` (8-byte length, then the bytes).
+
+    The map is mmapable (its values are one contiguous area, written here with a memory
+    copy, not a system call per chunk); it is complete before anyone can open it (the caller
+    pins it after), and nothing writes it afterwards."""
+    size = _LEN.size + len(data)
+    n = max(1, -(-size // TEXT_CHUNK))
+    m = bpf.map_create(MapSpec(name, MapType.ARRAY, 4, TEXT_CHUNK, n, MapFlag.MMAPABLE))
     try:
-        items = [(struct.pack("<I", i), data[i * TEXT_CHUNK:(i + 1) * TEXT_CHUNK]
-                  .ljust(TEXT_CHUNK, b"\0")) for i in range(n)]
-        m.update_batch(items)
+        with mmap.mmap(m.fd, n * TEXT_CHUNK, mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE) as area:
+            area[:_LEN.size] = _LEN.pack(len(data))
+            area[_LEN.size:size] = data
     except BaseException:
         m.close()
         raise
@@ -113,7 +124,13 @@ def load_text(m: bpf.Map) -> str:
 
 def load_blob(m: bpf.Map) -> bytes:
     """The bytes ``store_blob`` put in ``m``."""
-    # An array's batch lookup answers in index order; one call takes every chunk.
+    if m.spec.flags & MapFlag.MMAPABLE:
+        with mmap.mmap(m.fd, m.spec.max_entries * TEXT_CHUNK, mmap.MAP_SHARED,
+                       mmap.PROT_READ) as area:
+            (size,) = _LEN.unpack_from(area)
+            return area[_LEN.size:_LEN.size + size]
+    # Stored before the maps were mmapable. An array's batch lookup answers in index order;
+    # one call takes every chunk.
     data = b"".join(v for _, v in m.lookup_batch(m.spec.max_entries))
     (size,) = _LEN.unpack_from(data)
     return data[_LEN.size:_LEN.size + size]
@@ -211,6 +228,9 @@ class LiveTable:
 
     def compiled(self) -> CompiledRuleset:
         """The table compiled again (deterministic: the counter indices of a rebuild)."""
+        from bpfilter.codegen.compiler import compile_ruleset
+        from bpfilter.ir.model import Ruleset
+
         return compile_ruleset(Ruleset((self.table,)), self.key.family)
 
     def counters(self) -> dict[CounterKey, tuple[int, int]]:
@@ -222,6 +242,8 @@ class LiveTable:
             return {}
         with bpf.map_from_fd(fd, COUNTERS) as m:
             if self.layout is None:
+                from bpfilter.loader import read_counters
+
                 return read_counters(self.compiled(), m)
             return layout_counters(self.table, self.layout, m)
 
@@ -283,6 +305,8 @@ def live_table(key: TableKey, netns: str | None) -> LiveTable | None:
         layout = _load_layout(key, gen, netns)
         ids = {chain: pid for chain, hook in key.hooks.items()
                if (pid := d.prog_id(gen, hook)) is not None}
+    from bpfilter.grammar.iptables import parse_restore
+
     parsed = parse_restore(text, family=key.family, filename=pin_name(key, f"g{gen}-text"))
     table = parsed.table(key.table)
     if table is None:
@@ -307,9 +331,13 @@ class LiveHead:
 
     def text(self) -> str:
         """The stored text of this generation."""
+        return self.blob().decode("utf-8", "surrogateescape")
+
+    def blob(self) -> bytes:
+        """The stored text of this generation, encoded as stored."""
         with bpf.map_from_fd(bpffs.get(pin_name(self.key, f"g{self.generation}-text"),
                                        self.netns), "bpfilter_text") as m:
-            return load_text(m)
+            return load_blob(m)
 
 
 def live_head(key: TableKey, netns: str | None) -> LiveHead | None:
@@ -340,6 +368,8 @@ def live_tables(netns: str | None, family: int) -> list[LiveTable]:
 
 def live_ruleset(netns: str | None, family: int) -> Ruleset:
     """Every table in force in ``netns`` for ``family``, as IR."""
+    from bpfilter.ir.model import Ruleset
+
     return Ruleset(tuple(live.table for live in live_tables(netns, family)))
 
 
@@ -369,6 +399,9 @@ def commit(key: TableKey, programs: Programs, text: str, netns: str | None, *,
     programs were compiled from, alone) its layout is stored too, so that later changes of
     lookup entries can skip the rebuild.
     """
+    from bpfilter.incremental import fresh_layout
+    from bpfilter.loader import growable
+
     drop_stale(netns)
     claim(netns)
     d = ensure_dispatch(key, netns)
@@ -384,8 +417,8 @@ def commit(key: TableKey, programs: Programs, text: str, netns: str | None, *,
             bpffs.pin(tm, pin_name(key, f"{prefix}-text"), netns, replace=True)
         # A layout lets later changes write the run maps' other copy and flip ctl's copy
         # bit: only for programs that read that bit from this table's ctl.
-        switched = all(spec.name != lookup.CTL_MAP for spec in programs.compiled.maps) or \
-            programs.shared_ids.get(lookup.CTL_MAP) == d.ctl.info().id
+        switched = all(spec.name != CTL_MAP for spec in programs.compiled.maps) or \
+            programs.shared_ids.get(CTL_MAP) == d.ctl.info().id
         if table is not None and COUNTERS in programs.maps and switched:
             grow = growable(programs.compiled)
             caps = {n: m.spec.max_entries for n, m in programs.maps.items() if n in grow}
@@ -427,6 +460,8 @@ def plan_incremental(live: LiveTable, table: Table, *,
     """The map writes turning ``live`` into ``table``, or why it takes a rebuild."""
     if live.layout is None:
         return "no layout stored for the table in force"
+    from bpfilter.incremental import plan_change
+
     try:
         return plan_change(live.table, live.layout, table, live.key.family,
                            dirty=_dirty(live), explicit=explicit)
@@ -447,10 +482,11 @@ def dirty_keys(live: LiveTable | LiveHead) -> dict[str, list[bytes]]:
     return _dirty(live)
 
 
-def apply_change(live: LiveTable | LiveHead, change: Change, text: str) -> Applied:
+def apply_change(live: LiveTable | LiveHead, change: Change, text: str | bytes) -> Applied:
     """Put ``change`` in force without loading anything: pin the maps in force under the
-    next generation with the new text and layout, write the run maps' unused copy and the
-    counters of new rules, then switch (one ``ctl`` write, atomic for every hook)."""
+    next generation with the new text (``bytes``: already encoded) and layout, write the
+    run maps' unused copy and the counters of new rules, then switch (one ``ctl`` write,
+    atomic for every hook)."""
     key, netns = live.key, live.netns
     d = open_dispatch(key, netns)
     if d is None or d.generation() != live.generation:
@@ -470,7 +506,7 @@ def apply_change(live: LiveTable | LiveHead, change: Change, text: str) -> Appli
                     maps[name] = bpf.map_from_fd(bpf.obj_get(str(where / entry)), name)
                     bpffs.pin(maps[name], pin_name(key, f"g{gen}-map-{name}"), netns,
                               replace=True)
-            with store_text(text) as tm:
+            with (store_blob(text) if isinstance(text, bytes) else store_text(text)) as tm:
                 bpffs.pin(tm, pin_name(key, f"g{gen}-text"), netns, replace=True)
             # The layout names the keys about to be written: pinned first, so a killed run
             # leaves them to be rewritten.
@@ -480,7 +516,7 @@ def apply_change(live: LiveTable | LiveHead, change: Change, text: str) -> Appli
             written = time.perf_counter()
             _write_counters(maps.get(COUNTERS), change.counters)
             for name, writes in change.writes.items():
-                m = maps.get(lookup.buffer_names(name)[copy])
+                m = maps.get(buffer_names(name)[copy])
                 if m is None:
                     raise StateError(f"map {name} of {key.prefix} is missing")
                 _write_entries(m, writes)
@@ -618,6 +654,8 @@ def disable_conntrack(netns: str | None) -> None:
 
 
 def _nft(netns: str | None, script: str, *, check: bool = True) -> bool:
+    import subprocess
+
     argv = ["nft", "-f", "-"]
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]

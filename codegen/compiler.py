@@ -51,6 +51,7 @@ from bpfilter.codegen.matchers import (
     Resources,
     header_fields,
 )
+from bpfilter.codegen.names import COUNTERS, HOOKS, PRIORITY
 from bpfilter.codegen.opcodes import CLASS_MASK, OP_MASK, Class, JmpOp, PseudoCall
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import (
@@ -59,8 +60,6 @@ from bpfilter.codegen.uapi import (
     Hook,
     IfHook,
     MapType,
-    NfHook,
-    NfPriority,
     NfProto,
     NfVerdict,
     ProgType,
@@ -77,7 +76,6 @@ from bpfilter.ir.optimizer import (
     rest_matches,
 )
 
-COUNTERS = "counters"  # the counter map's name (and the symbol code refers to it by)
 COUNTER_VALUE = 16  # struct { u64 packets; u64 bytes; } per CPU
 MAX_CHAIN_DEPTH = 5  # 8 BPF call frames - main - a part of the built-in chain - the counter
 PART_BRANCHES = 2048  # conditional branches per part of a built-in chain (verifier: 8192)
@@ -86,11 +84,6 @@ _JMP_CLASSES = (Class.JMP, Class.JMP32)
 MAIN_FUNC = "func:main"
 RESERVED_MAPS = 8  # of a program's MAX_USED_MAPS, kept for the maps of matches and targets
 
-HOOKS: dict[str, dict[str, NfHook]] = {
-    "filter": {"INPUT": NfHook.LOCAL_IN, "FORWARD": NfHook.FORWARD, "OUTPUT": NfHook.LOCAL_OUT},
-    "raw": {"PREROUTING": NfHook.PRE_ROUTING, "OUTPUT": NfHook.LOCAL_OUT},
-}
-PRIORITY = {"filter": int(NfPriority.FILTER), "raw": int(NfPriority.RAW)}
 VERDICT_TARGETS = {"ACCEPT": NfVerdict.ACCEPT, "DROP": NfVerdict.DROP}
 _SHORT = {IfHook.XDP: "xdp", IfHook.TC_INGRESS: "tci", IfHook.TC_EGRESS: "tce"}  # prog names
 IF_FLAVORS: dict[IfHook, flavor_packet.PacketFlavor] = {

@@ -17,6 +17,7 @@ from bpfilter.codegen.asm import Label
 from bpfilter.codegen.helpers import BpfFunc
 from bpfilter.codegen.insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9
 from bpfilter.codegen.matchers import TCP_HEADER, UDP_HEADER, Emitter
+from bpfilter.codegen.names import BUFFER_BIT, CTL_MAP, VALUE, buffer_names
 from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import MapSpec
 from bpfilter.codegen.uapi import IFNAMSIZ, MapFlag, MapType
@@ -37,22 +38,7 @@ Items = tuple[tuple[bytes, bytes], ...]
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 U32 = 0xFFFFFFFF
-VALUE = struct.Struct("<II")  # counter index, action
-
-# Every run's map exists twice, ``NAME`` (copy 0) and ``NAME_b`` (copy 1), and the table's
-# switch (``CTL_MAP``, bpfilter.dispatch) says in bit ``BUFFER_BIT`` which copy packets use.
-# A change that only edits entries is written into the copy no packet uses, then one write
-# of the switch flips every run at once (atomic, and a killed writer leaves the copy in use
-# untouched). The program reads the bit once per packet (prologue, into the meta area), so
-# all the lookups of one packet use the same copy.
-CTL_MAP = "ctl"
-BUFFER_BIT = 2
-BUFFER_SUFFIX = "_b"
-
-
-def buffer_names(name: str) -> tuple[str, str]:
-    """The two copies of run map ``name``: (copy 0, copy 1)."""
-    return name, name + BUFFER_SUFFIX
+# The run maps' value layout, their two copies and the switch's copy bit: codegen.names.
 
 
 def load_buffer_bit() -> list[nf.Item]:

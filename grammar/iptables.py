@@ -125,8 +125,10 @@ class _Plan:
     rule_proto: int | None = None
     rule_proto_neg: bool = False
     # fullmatch of a line that takes this plan with nothing to resolve per line (built when
-    # a second consecutive line takes the plan); its groups are the line's words.
+    # a second consecutive line takes the plan); its groups are the line's words. The second
+    # is for lines with `[p:b]` counters: two more groups in front, the counters.
     run_match: Callable[[str], re.Match[str] | None] | None = None
+    run_match_counted: Callable[[str], re.Match[str] | None] | None = None
 
 
 _PLAN_IDS = itertools.count(1)
@@ -140,20 +142,24 @@ class _Run:
     match: Callable[[str], re.Match[str] | None]
     chain: str
     rules: list[Rule]  # the chain's rule list, appended to
+    counted: bool  # lines start with `[p:b]` counters (groups 1 and 2)
 
 
 # A word shape_word() calls "V", in the characters the fast path allows (no blank, no '"').
 _RUN_VALUE = r"([#-,.-~][!#-~]*|-|![!#-~]+)"
 
 
-def _run_pattern(tpl: Template, texts: Sequence[str]) -> Callable[[str], re.Match[str] | None]:
+def _run_pattern(tpl: Template, texts: Sequence[str], counted: bool
+                 ) -> Callable[[str], re.Match[str] | None]:
     """fullmatch for lines with this line's shape, command, chain and -m/-j/-g/-p words at
-    column 1; the groups are the words (what str.split() gives)."""
+    column 1, or after `[p:b]` counters (`counted`: groups 1 and 2); the other groups are the
+    words (what str.split() gives)."""
     fixed = {tpl.cmd_index, tpl.cmd_args[0]}
     fixed.update(it.args[0] for it in tpl.items if it.opt in ("-m", "-j", "-g", "-p"))
     parts = [f"({re.escape(t)})" if i in fixed or shape_word(t) != "V" else _RUN_VALUE
              for i, t in enumerate(texts)]
-    return re.compile("[ \t]+".join(parts) + "[ \t]*").fullmatch
+    head = r"\[([0-9]+):([0-9]+)\][ \t]*" if counted else ""
+    return re.compile(head + "[ \t]+".join(parts) + "[ \t]*").fullmatch
 
 
 class _LineFailed(Exception):
@@ -391,9 +397,9 @@ class _Parser:
             if tpl is not None:
                 cols = _LazyCols(body, offset)
                 try:
-                    if tpl.command == "-A" and counters is None and tpl.static is not None \
-                            and not tpl.family_flags and self.append_planned(tpl, texts, cols):
-                        return self.next_run(prev, tpl, texts, cols)
+                    if tpl.command == "-A" and tpl.static is not None and not tpl.family_flags \
+                            and self.append_planned(tpl, texts, cols, counters):
+                        return self.next_run(prev, tpl, texts, cols, counters)
                     self.execute(tpl, texts, cols, counters)
                 except (_ParamError, _LineFailed, ValueError_) as e:
                     raise self.convert(e, cols) from None
@@ -405,7 +411,8 @@ class _Parser:
         self.rule_words(normalize(words), counters)
         return None
 
-    def append_planned(self, tpl: Template, texts: Sequence[str], cols: _LazyCols) -> bool:
+    def append_planned(self, tpl: Template, texts: Sequence[str], cols: _LazyCols,
+                       counters: tuple[int, int] | None) -> bool:
         """Fastest path: an append to an existing chain through its shape's plan (False: the
         line needs execute()). For such a line execute() checks only the chain name's length
         before planned_rule(), so errors come out the same."""
@@ -423,7 +430,7 @@ class _Parser:
         assert isinstance(plan, _Plan)
         body = cols.body
         col = cols.offset + 1 if body[:1] not in (" ", "\t") else cols.first
-        rule = self.apply_plan(plan, texts, cols, chain_name, col)
+        rule = self.apply_plan(plan, texts, cols, chain_name, col, counters)
         if rule is None:
             return False
         c.rules.append(rule)
@@ -431,45 +438,90 @@ class _Parser:
         return True
 
     def next_run(self, prev: _Plan | None, tpl: Template, texts: Sequence[str],
-                 cols: _LazyCols) -> _Run | None:
+                 cols: _LazyCols, counters: tuple[int, int] | None) -> _Run | None:
         """A run when this line and the one before it took the same plan: the lines that
-        follow are then likely to take it too."""
+        follow are then likely to take it too (with counters if this one has them)."""
         plan = self.prev_plan
-        # A run's lines are unquoted and start at column 1 (see run_of).
-        if plan is None or plan is not prev or cols.offset or '"' in cols.body:
+        # A run's lines are unquoted, with well-formed counters or none (see run_of).
+        if plan is None or plan is not prev or '"' in cols.body \
+                or (cols.offset and counters is None):
             return None
         assert self.cur is not None
-        match = plan.run_match
+        counted = counters is not None
+        match = plan.run_match_counted if counted else plan.run_match
         if match is None:
-            match = plan.run_match = _run_pattern(tpl, texts)
+            match = _run_pattern(tpl, texts, counted)
+            if counted:
+                plan.run_match_counted = match
+            else:
+                plan.run_match = match
         chain = texts[tpl.cmd_args[0]]
-        return _Run(plan, match, chain, self.cur.chains[chain].rules)
+        return _Run(plan, match, chain, self.cur.chains[chain].rules, counted)
 
     def run_of(self, run: _Run, lines: list[str], n: int) -> int:
         """Append the rules of the lines from index n on that match the run's pattern, as
         rule_line would; returns the index of the first line left to rule_line.
 
-        A matching line has the shape, chain and -m/-j/-p words of the plan, no counters and
-        no leading blank (column 1): rule_line would take the fastest path with this plan.
+        A matching line has the shape, chain and -m/-j/-p words of the plan, no quote, and
+        either `[p:b]` counters (a counted run) or nothing before its first word (column 1):
+        rule_line would take the fastest path with this plan.
         """
         match = run.match
         plan = run.plan
         chain = run.chain
         append = run.rules.append
+        total = len(lines)
+        skip = 2 if run.counted else 0  # groups before the words: the counters
+        counters: tuple[int, int] | None = None
+        col = 1
+        if plan.src is not None and plan.dst is None and not plan.exts and not plan.ifaces \
+                and plan.jump_chain is None:
+            # A blocklist: apply_plan() reduced to what such a plan does.
+            group = plan.src[0] + 1 + skip
+            src_neg = plan.src[1]
+            bits = self.bits
+            proto, proto_neg, fragment = plan.rule_proto, plan.rule_proto_neg, plan.fragment
+            target = plan.target
+            while n < total:
+                m = match(lines[n])
+                if m is None:
+                    break
+                value = m.group(group)
+                if "," in value:
+                    break
+                try:
+                    src = parse_prefix(value, bits)
+                except ValueError_:
+                    break
+                if skip:
+                    counters = (int(m.group(1)), int(m.group(2)))
+                    col = m.start(3) + 1
+                n += 1
+                append(make_rule(None if src.mask == 0 and not src_neg else src, src_neg, None,
+                                 False, None, False, None, False, proto, proto_neg, fragment, (),
+                                 target, counters, n, col))
+            self.lineno = n
+            return n
         apply_plan = self.apply_plan
         has_exts = bool(plan.exts)
-        total = len(lines)
         while n < total:
             line = lines[n]
             m = match(line)
             if m is None:
                 break
             self.lineno = n + 1
-            cols = _LazyCols(line, 0) if has_exts else None
+            groups = m.groups()
+            offset = 0
+            if skip:
+                counters = (int(groups[0]), int(groups[1]))
+                groups = groups[2:]
+                offset = m.end(2) + 1  # after the "]"
+                col = m.start(3) + 1
+            cols = _LazyCols(line[offset:], offset) if has_exts else None
             try:
-                rule = apply_plan(plan, m.groups(), cols, chain, 1)
+                rule = apply_plan(plan, groups, cols, chain, col, counters)
             except (_ParamError, _LineFailed, ValueError_) as e:
-                raise self.convert(e, cols or _LazyCols(line, 0)) from None
+                raise self.convert(e, cols or _LazyCols(line[offset:], offset)) from None
             if rule is None:
                 break
             append(rule)
@@ -549,10 +601,10 @@ class _Parser:
             ci = tpl.cmd_args[0]
             chain_name = texts[ci]
             rules = None
-            if counters is None and tpl.static is not None and self.plans:
+            if tpl.static is not None and self.plans:
                 col = cols.first if isinstance(cols, _LazyCols) else cols[0]
                 rules = self.planned_rule(tpl, tpl.static(texts) if tpl.static_n else (),
-                                          texts, cols, chain_name, col)
+                                          texts, cols, chain_name, col, counters)
             if rules is None:
                 rules = self.build_rules(tpl, texts, cols, chain_name, counters)
             c = chains.get(chain_name)
@@ -934,19 +986,22 @@ class _Parser:
         return plan
 
     def planned_rule(self, tpl: Template, static: object, texts: Sequence[str],
-                     cols: Sequence[int] | None, chain: str, col: int) -> list[Rule] | None:
+                     cols: Sequence[int] | None, chain: str, col: int,
+                     counters: tuple[int, int] | None = None) -> list[Rule] | None:
         """The rule of a plain line through its plan, or None to take the general path."""
         plan = self.plan_of(tpl, static, texts, chain)
         if plan is None:
             return None
-        rule = self.apply_plan(plan, texts, cols, chain, col)
+        rule = self.apply_plan(plan, texts, cols, chain, col, counters)
         return None if rule is None else [rule]
 
     def apply_plan(self, plan: _Plan, texts: Sequence[str], cols: Sequence[int] | None,
-                   chain: str, col: int) -> Rule | None:
+                   chain: str, col: int, counters: tuple[int, int] | None = None
+                   ) -> Rule | None:
         """The rule of a line through its plan, or None to take the general path.
 
         Without `cols` (word columns, for error messages) only cached extensions are used.
+        `counters` are the line's `[p:b]` (a plan never has a -c option).
         """
         assert self.cur is not None
         if plan.jump_chain is not None:
@@ -1018,7 +1073,7 @@ class _Parser:
                 oif, oif_neg = name, neg
         return make_rule(src, src_neg, dst, dst_neg, iif, iif_neg, oif, oif_neg,
                          plan.rule_proto, plan.rule_proto_neg, plan.fragment, matches, target,
-                         None, self.lineno, col)
+                         counters, self.lineno, col)
 
     def finish(self, inst: _ExtInst, ctx: Ctx, target: Target | None, cols: Sequence[int]
                ) -> Match | Target:

@@ -150,7 +150,8 @@ def parse_address(text: str, bits: int) -> int:
     try:
         if bits == 32:
             return _ipv4(text)
-        if ":" not in text:
+        # ipaddress takes a scope (`fe80::1%eth0`); inet_pton, and so ip6tables, does not.
+        if ":" not in text or "%" in text:
             raise ValueError
         return int(ipaddress.IPv6Address(text))
     except ValueError:

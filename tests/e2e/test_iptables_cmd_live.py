@@ -205,12 +205,13 @@ def test_fail2ban_scenario(pair: testbed.NetnsPair, shared_dir: Path) -> None:
         same(pair, ["-w", "-C", *args[2:]] if args[1] in ("-A", "-I") and not
              args[3].isdigit() else ["-S"])
     same_saved(pair)
-    # REJECT, as fail2ban renders it, is refused with the reason and changes nothing.
-    before = ours(pair.b, "-S").stdout
-    refused = ours(pair.b, "-w", "-I", "f2b-sshd", "1", "-s", "198.18.0.5",
-                   *shlex.split(REJECT))
-    assert refused.returncode == 1 and "REJECT" in refused.stderr
-    assert ours(pair.b, "-S").stdout == before
+    # REJECT, as fail2ban renders its bans, behaves as in iptables (inserted, checked,
+    # listed, deleted).
+    ban = ["-w", "-I", "f2b-sshd", "1", "-s", "198.18.0.5", *shlex.split(REJECT)]
+    assert same(pair, ban) == 0
+    assert same(pair, ["-w", "-C", ban[2], *ban[4:]]) == 0
+    same_saved(pair)
+    assert same(pair, ["-w", "-D", ban[2], *ban[4:]]) == 0
     # Unban, then stop the jails as fail2ban does.
     for line in ("-D f2b-sshd -s 203.0.113.7 -j DROP", "-D f2b-sshd -s 203.0.113.7 -j DROP",
                  "-D INPUT -p tcp -m multiport --dports ssh -j f2b-sshd",

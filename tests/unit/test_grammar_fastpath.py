@@ -224,6 +224,30 @@ def test_odd_line_inside_a_run(odd: str, run_lines: list[int]) -> None:
         assert fast == ("host/network `198.18.0.400' not found", 1006, 13, 2)
 
 
+@pytest.mark.parametrize("rule", [
+    "-A INPUT ! -s {} -j DROP",
+    "-A OUTPUT -d {} -j ACCEPT",
+    "-A INPUT -s {} -p tcp -j DROP",
+    "-A INPUT -p all -s {} -j DROP",
+    "-A FORWARD -f -s {} -j USER",
+    "-A USER -s {} -j RETURN",
+    "-A INPUT -s {}",
+])
+def test_address_runs(rule: str, run_lines: list[int]) -> None:
+    rng = random.Random(rule)
+    addrs = [f"198.{rng.randrange(18, 20)}.{rng.randrange(256)}.{rng.randrange(256)}"
+             f"/{rng.choice((32, 24, 0, 31, 8))}" for _ in range(300)]
+    addrs[100:103] = ["0.0.0.0/0", "198.18.0.1,198.18.0.2", "198.18.0.1/255.0.255.0"]
+    if "!" in rule:
+        addrs[101] = "198.18.0.3"  # `! -s` refuses a list (test_odd_line_inside_a_run)
+    text = BLOCK_HEAD + "\n".join(rule.format(a) for a in addrs) + "\nCOMMIT\n"
+    fast = _parse(text, shortcuts=True)
+    assert isinstance(fast, Ruleset)
+    assert fast == _parse(text, shortcuts=False)
+    assert fast == _parse(text, shortcuts=False, plans=False)
+    assert max(run_lines) >= 150
+
+
 @pytest.mark.parametrize(("odd", "error"), [
     ("--dport 99999", ("invalid port/service `99999' specified", 306, 32, 2)),
     ("--dport 5:3", ("invalid portrange (min > max) `5:3'", 306, 32, 2)),

@@ -60,3 +60,10 @@ def test_save_quoting() -> None:
     assert save_string("") == '""'
     assert save_string("a b") == '"a b"'
     assert save_string("'q'\\\"") == '"\\\'q\\\'\\\\\\""'
+
+
+def test_ipv6_scope_refused() -> None:
+    # ip6tables-legacy-restore 1.8.9: "host/network `fe80::1%eth0' not found" (exit 2).
+    with pytest.raises(ValueError_, match="host/network `fe80::1%eth0' not found"):
+        parse_prefix("fe80::1%eth0", 128)
+    assert parse_prefix("fe80::1", 128).addr == 0xFE80 << 112 | 1
