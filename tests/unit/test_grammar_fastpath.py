@@ -233,19 +233,23 @@ def test_odd_line_inside_a_run(odd: str, run_lines: list[int]) -> None:
     "-A USER -s {} -j RETURN",
     "-A INPUT -s {}",
 ])
-def test_address_runs(rule: str, run_lines: list[int]) -> None:
+@pytest.mark.parametrize("counters", ["", "[{}:{}] ", "[{}:{}]", "[{}:{}] \t "])
+def test_address_runs(rule: str, counters: str, run_lines: list[int]) -> None:
     rng = random.Random(rule)
     addrs = [f"198.{rng.randrange(18, 20)}.{rng.randrange(256)}.{rng.randrange(256)}"
              f"/{rng.choice((32, 24, 0, 31, 8))}" for _ in range(300)]
     addrs[100:103] = ["0.0.0.0/0", "198.18.0.1,198.18.0.2", "198.18.0.1/255.0.255.0"]
     if "!" in rule:
         addrs[101] = "198.18.0.3"  # `! -s` refuses a list (test_odd_line_inside_a_run)
-    text = BLOCK_HEAD + "\n".join(rule.format(a) for a in addrs) + "\nCOMMIT\n"
+    lines = [counters.format(i, rng.randrange(10**6)) + rule.format(a)
+             for i, a in enumerate(addrs)]
+    lines[200] = rule.format("198.18.9.9")  # no counters inside a counted run, or the reverse
+    text = BLOCK_HEAD + "\n".join(lines) + "\nCOMMIT\n"
     fast = _parse(text, shortcuts=True)
     assert isinstance(fast, Ruleset)
     assert fast == _parse(text, shortcuts=False)
     assert fast == _parse(text, shortcuts=False, plans=False)
-    assert max(run_lines) >= 150
+    assert max(run_lines) >= 90
 
 
 @pytest.mark.parametrize(("odd", "error"), [
@@ -254,17 +258,20 @@ def test_address_runs(rule: str, run_lines: list[int]) -> None:
     ("--dport 80", None),
     ("--dport 80 --dport 81", ("option \"--dport\" can only be used once", 306, 35, 2)),
 ])
+@pytest.mark.parametrize("counters", ["", "[12:345] "])
 def test_extension_error_inside_a_run(odd: str, error: tuple[str, int, int, int] | None,
-                                      run_lines: list[int]) -> None:
+                                      counters: str, run_lines: list[int]) -> None:
     # Every line has new option values: each one finishes its extension (with columns).
-    lines = [f"-A INPUT -p tcp -m tcp --dport {p} -j ACCEPT" for p in range(1, 500)]
-    lines[300] = f"-A INPUT -p tcp -m tcp {odd} -j ACCEPT"
+    lines = [f"{counters}-A INPUT -p tcp -m tcp --dport {p} -j ACCEPT" for p in range(1, 500)]
+    lines[300] = f"{counters}-A INPUT -p tcp -m tcp {odd} -j ACCEPT"
     text = BLOCK_HEAD + "\n".join(lines) + "\nCOMMIT\n"
     fast = _parse(text, shortcuts=True)
     assert fast == _parse(text, shortcuts=False)
+    assert fast == _parse(text, shortcuts=False, plans=False) or error is not None
     assert max(run_lines) >= 250
     if error is not None:
-        assert fast == error
+        message, line, col, code = error
+        assert fast == (message, line, col + len(counters), code)
 
 
 @pytest.mark.parametrize("family", [4, 6])
