@@ -103,19 +103,19 @@ MAC_UNSET = 0xFFFF
 ARPHRD_SIT = 776  # if_arp.h: an IPv6-in-IPv4 tunnel
 ETH_HLEN = 14
 
-_SLOT = -8  # the reserved record's address, spilled on the global function's stack
+RECORD_SLOT = -8  # the reserved record's address, spilled on the global function's stack
 
 
-def _probe(off: int, size: int, field: nf.KField, base_off: int | None = None) -> list[nf.Item]:
+def probe(off: int, size: int, field: nf.KField, base_off: int | None = None) -> list[nf.Item]:
     """``bpf_probe_read_kernel(rec + off, size, base + offsetof(field))``; base is the sk_buff
     (from the meta area) or, with ``base_off``, a pointer already stored in the record."""
     src: list[nf.Item]
     if base_off is None:
         src = [asm.ldx(Size.DW, R3, R7, nf.SKB_ADDR)]
     else:
-        src = [asm.ldx(Size.DW, R3, FP, _SLOT), asm.ldx(Size.DW, R3, R3, base_off)]
+        src = [asm.ldx(Size.DW, R3, FP, RECORD_SLOT), asm.ldx(Size.DW, R3, R3, base_off)]
     return [*src, nf.FieldAddress(R3, field),
-            asm.ldx(Size.DW, R1, FP, _SLOT), asm.add64(R1, off), asm.mov64(R2, size),
+            asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.add64(R1, off), asm.mov64(R2, size),
             asm.call_helper(BpfFunc.probe_read_kernel)]
 
 
@@ -151,7 +151,7 @@ def emit_event(em: Emitter, kind: int, level: int = DEFAULT_LEVEL, flags: int = 
         asm.ld_map_fd(R1, ring), asm.mov64(R2, RECORD_SIZE), asm.mov64(R3, 0),
         asm.call_helper(BpfFunc.ringbuf_reserve),
         asm.jmp("jeq", R0, 0, dropped),
-        asm.stx(Size.DW, FP, _SLOT, R0),
+        asm.stx(Size.DW, FP, RECORD_SLOT, R0),
         asm.st(Size.W, R0, OFF_RULE, position),
         asm.st(Size.B, R0, OFF_HOOK, hook), asm.st(Size.B, R0, OFF_FAMILY, em.family),
         # mac_header, network_header (read below), dev type and hard_header_len (without a
@@ -170,24 +170,24 @@ def emit_event(em: Emitter, kind: int, level: int = DEFAULT_LEVEL, flags: int = 
         out += [asm.ldx(Size.DW, R1, R7, meta), asm.stx(Size.DW, R0, off, R1),
                 asm.ldx(Size.DW, R1, R7, meta + 8), asm.stx(Size.DW, R0, off + 8, R1)]
     out += [
-        *_probe(OFF_DATA, 8, nf.KField.SKB_DATA),
-        *_probe(OFF_HEAD, 8, nf.KField.SKB_HEAD),
-        *_probe(OFF_DEV, 8, nf.KField.SKB_DEV),
-        *_probe(OFF_DATA_LEN, 4, nf.KField.SKB_DATA_LEN),
-        *_probe(OFF_MAC_HEADER, 2, nf.KField.SKB_MAC_HEADER),
-        *_probe(OFF_NETWORK_HEADER, 2, nf.KField.SKB_NETWORK_HEADER),
-        *_probe(OFF_VLAN, 4, nf.KField.SKB_VLAN_ALL),
+        *probe(OFF_DATA, 8, nf.KField.SKB_DATA),
+        *probe(OFF_HEAD, 8, nf.KField.SKB_HEAD),
+        *probe(OFF_DEV, 8, nf.KField.SKB_DEV),
+        *probe(OFF_DATA_LEN, 4, nf.KField.SKB_DATA_LEN),
+        *probe(OFF_MAC_HEADER, 2, nf.KField.SKB_MAC_HEADER),
+        *probe(OFF_NETWORK_HEADER, 2, nf.KField.SKB_NETWORK_HEADER),
+        *probe(OFF_VLAN, 4, nf.KField.SKB_VLAN_ALL),
     ]
     no_dev = em.label("log_nodev")
-    out += [asm.ldx(Size.DW, R1, FP, _SLOT), asm.ldx(Size.DW, R1, R1, OFF_DEV),
+    out += [asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.ldx(Size.DW, R1, R1, OFF_DEV),
             asm.jmp("jeq", R1, 0, no_dev),
-            *_probe(OFF_DEV_TYPE, 2, nf.KField.DEV_TYPE, OFF_DEV),
-            *_probe(OFF_HH_LEN, 2, nf.KField.DEV_HARD_HEADER_LEN, OFF_DEV),
+            *probe(OFF_DEV_TYPE, 2, nf.KField.DEV_TYPE, OFF_DEV),
+            *probe(OFF_HH_LEN, 2, nf.KField.DEV_HARD_HEADER_LEN, OFF_DEV),
             Label(no_dev)]
     # The MAC header: MAC_MAX bytes from head + mac_header, when it was set. dump_mac_header
     # prints a sit tunnel's bytes from ETH_HLEN before it (none when that is before head).
     no_mac, plain = em.label("log_nomac"), em.label("log_mac")
-    out += [asm.ldx(Size.DW, R1, FP, _SLOT), asm.ldx(Size.H, R3, R1, OFF_MAC_HEADER),
+    out += [asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.ldx(Size.H, R3, R1, OFF_MAC_HEADER),
             asm.jmp("jeq", R3, MAC_UNSET, no_mac),
             asm.ldx(Size.H, R2, R1, OFF_DEV_TYPE), asm.jmp("jne", R2, ARPHRD_SIT, plain),
             asm.jmp("jlt", R3, ETH_HLEN, plain),
@@ -199,7 +199,7 @@ def emit_event(em: Emitter, kind: int, level: int = DEFAULT_LEVEL, flags: int = 
             Label(no_mac)]
     # The packet: min(skb_headlen, CAPTURE) bytes from skb->data (the network header here).
     no_pkt, sized = em.label("log_nopkt"), em.label("log_sized")
-    out += [asm.ldx(Size.DW, R1, FP, _SLOT),
+    out += [asm.ldx(Size.DW, R1, FP, RECORD_SLOT),
             asm.ldx(Size.W, R2, R1, OFF_SKB_LEN), asm.ldx(Size.W, R3, R1, OFF_DATA_LEN),
             asm.jmp("jge", R3, R2, no_pkt),
             asm.sub64(R2, R3),
@@ -211,13 +211,13 @@ def emit_event(em: Emitter, kind: int, level: int = DEFAULT_LEVEL, flags: int = 
             asm.add64(R1, OFF_PKT),
             asm.call_helper(BpfFunc.probe_read_kernel),
             asm.jmp("jeq", R0, 0, no_pkt),
-            asm.ldx(Size.DW, R1, FP, _SLOT), asm.st(Size.W, R1, OFF_CAPLEN, 0),
+            asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.st(Size.W, R1, OFF_CAPLEN, 0),
             Label(no_pkt)]
     if flags & LOG_UID:
         out += _uid(em)
     out += [
         asm.call_helper(BpfFunc.ktime_get_ns),
-        asm.ldx(Size.DW, R1, FP, _SLOT),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT),
         asm.stx(Size.DW, R1, OFF_TS, R0),
         asm.st(Size.DW, R1, OFF_DATA, 0), asm.st(Size.DW, R1, OFF_HEAD, 0),
         asm.st(Size.DW, R1, OFF_DEV, 0),
@@ -225,8 +225,8 @@ def emit_event(em: Emitter, kind: int, level: int = DEFAULT_LEVEL, flags: int = 
         asm.call_helper(BpfFunc.ringbuf_submit),
         asm.ja(done),
         Label(dropped),
-        asm.st(Size.W, FP, _SLOT, 0),
-        asm.ld_map_fd(R1, drops), asm.mov64(R2, FP), asm.add64(R2, _SLOT),
+        asm.st(Size.W, FP, RECORD_SLOT, 0),
+        asm.ld_map_fd(R1, drops), asm.mov64(R2, FP), asm.add64(R2, RECORD_SLOT),
         asm.call_helper(BpfFunc.map_lookup_elem),
         asm.jmp("jeq", R0, 0, done),
         asm.mov64(R1, 1),
@@ -244,32 +244,32 @@ def _uid(em: Emitter) -> list[nf.Item]:
     done = em.label("log_uid_done")
 
     def step(field: nf.KField, size: int = 8, to: int = OFF_DATA) -> list[nf.Item]:
-        return _probe(to, size, field, OFF_DATA)
+        return probe(to, size, field, OFF_DATA)
 
     return [
-        *_probe(OFF_DATA, 8, nf.KField.SKB_SK),
-        asm.ldx(Size.DW, R1, FP, _SLOT), asm.ldx(Size.DW, R2, R1, OFF_DATA),
+        *probe(OFF_DATA, 8, nf.KField.SKB_SK),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.ldx(Size.DW, R2, R1, OFF_DATA),
         asm.jmp("jeq", R2, 0, done),
         asm.st(Size.DW, R1, OFF_HEAD, 0),
         *step(nf.KField.SOCK_STATE, 1, OFF_HEAD),
-        asm.ldx(Size.DW, R1, FP, _SLOT), asm.ldx(Size.B, R2, R1, OFF_HEAD),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.ldx(Size.B, R2, R1, OFF_HEAD),
         asm.jmp("jeq", R2, TCP_TIME_WAIT, done), asm.jmp("jeq", R2, TCP_NEW_SYN_RECV, done),
         *step(nf.KField.SOCK_NET, 8, OFF_HEAD),
-        asm.ldx(Size.DW, R1, FP, _SLOT), asm.ldx(Size.DW, R2, R1, OFF_HEAD),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.ldx(Size.DW, R2, R1, OFF_HEAD),
         asm.ldx(Size.DW, R3, R7, nf.NET_ADDR),
         asm.jmp("jne", R2, R3, done),
         *step(nf.KField.SOCK_SOCKET),
-        asm.ldx(Size.DW, R1, FP, _SLOT), asm.ldx(Size.DW, R2, R1, OFF_DATA),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.ldx(Size.DW, R2, R1, OFF_DATA),
         asm.jmp("jeq", R2, 0, done),
         *step(nf.KField.SOCKET_FILE),
-        asm.ldx(Size.DW, R1, FP, _SLOT), asm.ldx(Size.DW, R2, R1, OFF_DATA),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.ldx(Size.DW, R2, R1, OFF_DATA),
         asm.jmp("jeq", R2, 0, done),
         *step(nf.KField.FILE_CRED),
-        asm.ldx(Size.DW, R1, FP, _SLOT), asm.ldx(Size.DW, R2, R1, OFF_DATA),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.ldx(Size.DW, R2, R1, OFF_DATA),
         asm.jmp("jeq", R2, 0, done),
         *step(nf.KField.CRED_FSUID, 4, OFF_UID),
         *step(nf.KField.CRED_FSGID, 4, OFF_GID),
-        asm.ldx(Size.DW, R1, FP, _SLOT), asm.st(Size.W, R1, OFF_UID_OK, 1),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.st(Size.W, R1, OFF_UID_OK, 1),
         Label(done),
     ]
 

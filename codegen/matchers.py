@@ -426,14 +426,18 @@ def emit_mark(em: Emitter, rule: Rule, m: Match | None) -> None:
     o = m.get("--mark")
     assert o is not None
     value, mask = o.value
+    masked_u32(em, nf.MARK, value, mask, o.negated)
 
+
+def masked_u32(em: Emitter, offset: int, value: int, mask: int, negated: bool) -> None:
+    """``(meta u32 at offset & mask) == value``, negated with `!` (mark_mt, connmark_mt)."""
     def test(on_false: str) -> None:
-        load_u32(em, R1, nf.MARK)
+        load_u32(em, R1, offset)
         if mask != U32:
             em.emit(asm.alu32("and", R1, mask))
         em.emit(asm.jmp32("jne", R1, value, on_false))
 
-    negatable(em, o.negated, test)
+    negatable(em, negated, test)
 
 
 def emit_length(em: Emitter, rule: Rule, m: Match | None) -> None:
@@ -996,14 +1000,7 @@ def emit_connmark(em: Emitter, rule: Rule, m: Match | None) -> None:
     assert o is not None
     value, mask = o.value
     _if_tracked(em, em.fail)
-
-    def test(on_false: str) -> None:
-        load_u32(em, R1, nf.CT_MARK)
-        if mask != U32:
-            em.emit(asm.alu32("and", R1, mask))
-        em.emit(asm.jmp32("jne", R1, value, on_false))
-
-    negatable(em, o.negated, test)
+    masked_u32(em, nf.CT_MARK, value, mask, o.negated)
 
 
 def emit_mac(em: Emitter, rule: Rule, m: Match | None) -> None:

@@ -29,6 +29,7 @@ from bpfilter.codegen.actions import Action
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.helpers import BpfFunc
 from bpfilter.codegen.insn import FP, R0, R1, R2, R3, R7
+from bpfilter.codegen.log import RECORD_SLOT, probe
 from bpfilter.codegen.matchers import Emitter
 from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import MapSpec
@@ -88,20 +89,6 @@ RECORD_SIZE = OFF_PKT + CAPTURE
 SMALL_CAPTURE = 256  # the record of a packet this short holds all of it in 336 bytes
 SKB_DST_PTRMASK = ~1  # _skb_refdst's low bit is SKB_DST_NOREF
 
-_SLOT = -8  # the reserved record's address, spilled on the global function's stack
-
-
-def _probe(off: int, size: int, field: nf.KField, base_off: int | None = None) -> list[nf.Item]:
-    """``bpf_probe_read_kernel(rec + off, size, base + offsetof(field))``; base is the sk_buff
-    (from the meta area) or, with ``base_off``, a pointer already stored in the record."""
-    src: list[nf.Item]
-    if base_off is None:
-        src = [asm.ldx(Size.DW, R3, R7, nf.SKB_ADDR)]
-    else:
-        src = [asm.ldx(Size.DW, R3, FP, _SLOT), asm.ldx(Size.DW, R3, R3, base_off)]
-    return [*src, nf.FieldAddress(R3, field),
-            asm.ldx(Size.DW, R1, FP, _SLOT), asm.add64(R1, off), asm.mov64(R2, size),
-            asm.call_helper(BpfFunc.probe_read_kernel)]
 
 
 def reject_code(target: Target, family: int) -> int:
@@ -123,7 +110,7 @@ def _record(em: Emitter, target: Target, capture: int, lost: str, drop: str) -> 
         asm.mov64(R3, 0),
         asm.call_helper(BpfFunc.ringbuf_reserve),
         asm.jmp("jeq", R0, 0, lost),
-        asm.stx(Size.DW, FP, _SLOT, R0),
+        asm.stx(Size.DW, FP, RECORD_SLOT, R0),
         asm.st(Size.B, R0, OFF_FAMILY, em.family), asm.st(Size.B, R0, OFF_HOOK, hook),
         asm.st(Size.B, R0, OFF_CODE, reject_code(target, em.family)),
         asm.st(Size.B, R0, OFF_CODE + 1, 0),
@@ -137,29 +124,29 @@ def _record(em: Emitter, target: Target, capture: int, lost: str, drop: str) -> 
         out += [asm.ldx(Size.DW, R1, R7, meta), asm.stx(Size.DW, R0, off, R1),
                 asm.ldx(Size.DW, R1, R7, meta + 8), asm.stx(Size.DW, R0, off + 8, R1)]
     out += [
-        *_probe(OFF_SKB_BITS, 4, nf.KField.SKB_PKT_TYPE),
-        *_probe(OFF_CSUM, 4, nf.KField.SKB_CSUM),
-        *_probe(OFF_DATA, 8, nf.KField.SKB_DATA),
-        *_probe(OFF_DATA_LEN, 4, nf.KField.SKB_DATA_LEN),
+        *probe(OFF_SKB_BITS, 4, nf.KField.SKB_PKT_TYPE),
+        *probe(OFF_CSUM, 4, nf.KField.SKB_CSUM),
+        *probe(OFF_DATA, 8, nf.KField.SKB_DATA),
+        *probe(OFF_DATA_LEN, 4, nf.KField.SKB_DATA_LEN),
     ]
     if em.family == 4:
         # skb_rtable(skb)->rt_flags: icmp_send and nf_send_reset look at RTCF_LOCAL,
         # RTCF_BROADCAST and RTCF_MULTICAST.
         no_dst = em.label("reject_nodst")
         out += [
-            *_probe(OFF_DST, 8, nf.KField.SKB_REFDST),
-            asm.ldx(Size.DW, R1, FP, _SLOT), asm.ldx(Size.DW, R2, R1, OFF_DST),
+            *probe(OFF_DST, 8, nf.KField.SKB_REFDST),
+            asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.ldx(Size.DW, R2, R1, OFF_DST),
             asm.and64(R2, SKB_DST_PTRMASK),
             asm.jmp("jeq", R2, 0, no_dst),
             asm.stx(Size.DW, R1, OFF_DST, R2),
-            *_probe(OFF_RT_FLAGS, 4, nf.KField.RT_FLAGS, OFF_DST),
+            *probe(OFF_RT_FLAGS, 4, nf.KField.RT_FLAGS, OFF_DST),
             Label(no_dst),
         ]
     # The packet: min(skb_headlen, capture) bytes from skb->data (the network header at
     # these hooks).
     no_pkt, sized = em.label("reject_nopkt"), em.label("reject_sized")
     out += [
-        asm.ldx(Size.DW, R1, FP, _SLOT),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT),
         asm.ldx(Size.W, R2, R1, OFF_SKB_LEN), asm.ldx(Size.W, R3, R1, OFF_DATA_LEN),
         asm.jmp("jge", R3, R2, no_pkt),
         asm.sub64(R2, R3),
@@ -171,9 +158,9 @@ def _record(em: Emitter, target: Target, capture: int, lost: str, drop: str) -> 
         asm.add64(R1, OFF_PKT),
         asm.call_helper(BpfFunc.probe_read_kernel),
         asm.jmp("jeq", R0, 0, no_pkt),
-        asm.ldx(Size.DW, R1, FP, _SLOT), asm.st(Size.W, R1, OFF_CAPLEN, 0),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.st(Size.W, R1, OFF_CAPLEN, 0),
         Label(no_pkt),
-        asm.ldx(Size.DW, R1, FP, _SLOT),
+        asm.ldx(Size.DW, R1, FP, RECORD_SLOT),
         # Kernel addresses never reach user space.
         asm.st(Size.DW, R1, OFF_DST, 0), asm.st(Size.DW, R1, OFF_DATA, 0),
         asm.mov64(R2, 0),
@@ -196,8 +183,8 @@ def emit_reject(em: Emitter, rule: Rule, target: Target) -> None:
         Label(big),
         *_record(em, target, CAPTURE, lost, drop),
         Label(lost),
-        asm.st(Size.W, FP, _SLOT, 0),
-        asm.ld_map_fd(R1, drops), asm.mov64(R2, FP), asm.add64(R2, _SLOT),
+        asm.st(Size.W, FP, RECORD_SLOT, 0),
+        asm.ld_map_fd(R1, drops), asm.mov64(R2, FP), asm.add64(R2, RECORD_SLOT),
         asm.call_helper(BpfFunc.map_lookup_elem),
         asm.jmp("jeq", R0, 0, drop),
         asm.mov64(R1, 1),
