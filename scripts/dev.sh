@@ -18,8 +18,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: ip/tc, the iptables and nftables reference implementations, bpftool,
-# llvm-objdump-19 (cpu v4 decoding, an independent check of the encoder), ping.
-apt_packages=(iproute2 iptables nftables bpftool llvm-19 iputils-ping python3-venv kmod time)
+# llvm-objdump-19 (cpu v4 decoding, an independent check of the encoder), ping, ipset (the
+# reference for `-m set`).
+apt_packages=(iproute2 iptables nftables bpftool llvm-19 iputils-ping python3-venv kmod time ipset)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
