@@ -30,7 +30,7 @@ from bpfilter.layout import Rebuild, blocklist_change, edit_blob, find_rule
 TOOL = "bpfilter-iptables"
 EXIT_RESOURCE = 4  # as bpfilter.restore.EXIT_RESOURCE (iptables' RESOURCE_PROBLEM)
 _TARGETS = frozenset({"ACCEPT", "DROP"})
-_FIELDS = {"-s": "-s", "-d": "-d"}  # option -> Blocklist.field (KeyField spelling)
+_FIELDS = frozenset({"-s", "-d"})  # spelled as Blocklist.field spells its key field
 # A blocklist rule this path may rebuild from its key alone: nothing but the address.
 _REP = re.compile(r"-A (\S+) (-[sd]) \d{1,3}(?:\.\d{1,3}){3}/32 -j ([A-Z]+)")
 
@@ -184,7 +184,7 @@ def _apply(cmd: FastCommand) -> _Outcome | None:
         else:
             assert cmd.target is not None
             act_text = f"-A X -j {cmd.target}"
-            if rep.group(2) != _FIELDS[cmd.option] or act_text not in seg.actions:
+            if rep.group(2) != cmd.option or act_text not in seg.actions:
                 return None
             k, act = cmd.addr, seg.actions.index(act_text)
             if cmd.command == "-D":

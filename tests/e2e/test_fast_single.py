@@ -1,13 +1,16 @@
 """bpfilter-iptables' fast path (bpfilter.fastcmd) against the full path (iptables_cmd.main):
 the same random command sequence on the same loaded ruleset in two namespaces gives the
-same exit codes, output, stored layout and bpfilter-save text; and a blocklist change on
-the fast path imports neither the parser nor the optimizer nor the code generator."""
+same exit codes, output, stored layout and text and bpfilter-save text; a blocklist change
+on the fast path imports neither the parser nor the optimizer nor the code generator; the
+stored text maps (mmapable now) round-trip, and those of earlier generations still read."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from bpfilter import fastcmd, iptables_cmd, save, state, testbed
+from bpfilter import bpf, fastcmd, iptables_cmd, lockfile, save, state, testbed
+from bpfilter.codegen.spec import MapSpec
+from bpfilter.codegen.uapi import MapFlag, MapType
 from bpfilter.dispatch import TableKey
 from bpfilter.lockfile import LOCK_ENV
 
@@ -177,3 +182,39 @@ def test_a_blocklist_change_imports_only_the_kernel_layer(pair: testbed.NetnsPai
     assert run("-D", "INPUT", "-s", "198.19.9.9/32", "-j", "DROP") == "0 []"
     # Anything else takes the full path, which does import them (the check can fail).
     assert run("-A", "OUTPUT", "-s", "198.19.9.9", "-j", "DROP") != "0 []"
+
+
+def test_a_taken_lock_is_reported_as_the_full_path_reports_it(
+        pair: testbed.NetnsPair) -> None:
+    restore(pair.a, ruleset())
+    fd = lockfile.open_lock()
+    try:
+        assert lockfile.try_lock(fd)
+        argv = ["--netns", pair.a, "-I", "INPUT", "-s", "198.19.9.9", "-j", "DROP"]
+        results = []
+        for entry in (fastcmd.main, iptables_cmd.main):
+            out, err = io.StringIO(), io.StringIO()
+            results.append((entry(argv, 4, stdout=out, stderr=err), out.getvalue(),
+                            err.getvalue()))
+        assert results[0] == results[1]
+        assert results[0][0] == 4 and "holding the bpfilter lock" in results[0][2]
+    finally:
+        os.close(fd)
+    assert "198.19.9.9" not in saved(pair.a)
+
+
+@pytest.mark.parametrize("size", [0, 1, state.TEXT_CHUNK - 8, state.TEXT_CHUNK - 7,
+                                  3 * state.TEXT_CHUNK + 5])
+def test_stored_blobs_round_trip_and_old_ones_still_read(size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    with state.store_blob(data) as m:
+        assert m.spec.flags & MapFlag.MMAPABLE
+        assert state.load_blob(m) == data
+    # As generations stored before the maps were mmapable hold it: chunk by chunk.
+    chunk = state.TEXT_CHUNK
+    raw = struct.pack("<Q", size) + data
+    n = max(1, -(-len(raw) // chunk))
+    values = [raw[i * chunk:(i + 1) * chunk].ljust(chunk, b"\0") for i in range(n)]
+    with bpf.map_create(MapSpec("bpfilter_text", MapType.ARRAY, 4, chunk, n)) as old:
+        old.update_batch([(struct.pack("<I", i), v) for i, v in enumerate(values)])
+        assert state.load_blob(old) == data
