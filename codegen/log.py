@@ -119,6 +119,28 @@ def probe(off: int, size: int, field: nf.KField, base_off: int | None = None) ->
             asm.call_helper(BpfFunc.probe_read_kernel)]
 
 
+def capture_linear(em: Emitter, what: str, capture: int, *, skb_len: int, data_len: int,
+                   caplen: int, data: int, pkt: int) -> list[nf.Item]:
+    """Copy min(skb_headlen, ``capture``) bytes from skb->data to record offset ``pkt`` and
+    store the count at ``caplen`` (0 when the read fails); the record already holds
+    skb->len, skb->data_len and skb->data at the given offsets (LOG and REJECT records)."""
+    no_pkt, sized = em.label(f"{what}_nopkt"), em.label(f"{what}_sized")
+    return [asm.ldx(Size.DW, R1, FP, RECORD_SLOT),
+            asm.ldx(Size.W, R2, R1, skb_len), asm.ldx(Size.W, R3, R1, data_len),
+            asm.jmp("jge", R3, R2, no_pkt),
+            asm.sub64(R2, R3),
+            asm.jmp("jle", R2, capture, sized),
+            asm.mov64(R2, capture),
+            Label(sized),
+            asm.stx(Size.W, R1, caplen, R2),
+            asm.ldx(Size.DW, R3, R1, data),
+            asm.add64(R1, pkt),
+            asm.call_helper(BpfFunc.probe_read_kernel),
+            asm.jmp("jeq", R0, 0, no_pkt),
+            asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.st(Size.W, R1, caplen, 0),
+            Label(no_pkt)]
+
+
 def _string(rec: list[nf.Item], off: int, size: int, text: str) -> None:
     raw = text.encode()[:size - 1].ljust(size, b"\0")
     for i in range(0, size, 4):
@@ -198,21 +220,8 @@ def emit_event(em: Emitter, kind: int, level: int = DEFAULT_LEVEL, flags: int = 
             asm.call_helper(BpfFunc.probe_read_kernel),
             Label(no_mac)]
     # The packet: min(skb_headlen, CAPTURE) bytes from skb->data (the network header here).
-    no_pkt, sized = em.label("log_nopkt"), em.label("log_sized")
-    out += [asm.ldx(Size.DW, R1, FP, RECORD_SLOT),
-            asm.ldx(Size.W, R2, R1, OFF_SKB_LEN), asm.ldx(Size.W, R3, R1, OFF_DATA_LEN),
-            asm.jmp("jge", R3, R2, no_pkt),
-            asm.sub64(R2, R3),
-            asm.jmp("jle", R2, CAPTURE, sized),
-            asm.mov64(R2, CAPTURE),
-            Label(sized),
-            asm.stx(Size.W, R1, OFF_CAPLEN, R2),
-            asm.ldx(Size.DW, R3, R1, OFF_DATA),
-            asm.add64(R1, OFF_PKT),
-            asm.call_helper(BpfFunc.probe_read_kernel),
-            asm.jmp("jeq", R0, 0, no_pkt),
-            asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.st(Size.W, R1, OFF_CAPLEN, 0),
-            Label(no_pkt)]
+    out += capture_linear(em, "log", CAPTURE, skb_len=OFF_SKB_LEN, data_len=OFF_DATA_LEN,
+                          caplen=OFF_CAPLEN, data=OFF_DATA, pkt=OFF_PKT)
     if flags & LOG_UID:
         out += _uid(em)
     out += [

@@ -29,7 +29,7 @@ from bpfilter.codegen.actions import Action
 from bpfilter.codegen.asm import Label
 from bpfilter.codegen.helpers import BpfFunc
 from bpfilter.codegen.insn import FP, R0, R1, R2, R3, R7
-from bpfilter.codegen.log import RECORD_SLOT, probe
+from bpfilter.codegen.log import RECORD_SLOT, capture_linear, probe
 from bpfilter.codegen.matchers import Emitter
 from bpfilter.codegen.opcodes import Size
 from bpfilter.codegen.spec import MapSpec
@@ -144,22 +144,9 @@ def _record(em: Emitter, target: Target, capture: int, lost: str, drop: str) -> 
         ]
     # The packet: min(skb_headlen, capture) bytes from skb->data (the network header at
     # these hooks).
-    no_pkt, sized = em.label("reject_nopkt"), em.label("reject_sized")
+    out += capture_linear(em, "reject", capture, skb_len=OFF_SKB_LEN, data_len=OFF_DATA_LEN,
+                          caplen=OFF_CAPLEN, data=OFF_DATA, pkt=OFF_PKT)
     out += [
-        asm.ldx(Size.DW, R1, FP, RECORD_SLOT),
-        asm.ldx(Size.W, R2, R1, OFF_SKB_LEN), asm.ldx(Size.W, R3, R1, OFF_DATA_LEN),
-        asm.jmp("jge", R3, R2, no_pkt),
-        asm.sub64(R2, R3),
-        asm.jmp("jle", R2, capture, sized),
-        asm.mov64(R2, capture),
-        Label(sized),
-        asm.stx(Size.W, R1, OFF_CAPLEN, R2),
-        asm.ldx(Size.DW, R3, R1, OFF_DATA),
-        asm.add64(R1, OFF_PKT),
-        asm.call_helper(BpfFunc.probe_read_kernel),
-        asm.jmp("jeq", R0, 0, no_pkt),
-        asm.ldx(Size.DW, R1, FP, RECORD_SLOT), asm.st(Size.W, R1, OFF_CAPLEN, 0),
-        Label(no_pkt),
         asm.ldx(Size.DW, R1, FP, RECORD_SLOT),
         # Kernel addresses never reach user space.
         asm.st(Size.DW, R1, OFF_DST, 0), asm.st(Size.DW, R1, OFF_DATA, 0),
